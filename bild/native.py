@@ -1,0 +1,314 @@
+"""A lean native forward for LLaMA-family decoders on CPU, gpt-fast style.
+
+Weights live in plain tensors (fused QKV and gate/up projections), the KV cache is preallocated
+[1, H_kv, S, D] per layer, and every forward writes at explicit positions start..start+T-1. Rolling back
+is `length = n`: stale entries past the valid prefix are never read, and the next write overwrites them.
+
+Handles LLaMA, Mistral and Qwen2 (q/k/v bias) from a loaded Hugging Face model; `supports()` says which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+DYNAMIC_ROPE = ("dynamic", "longrope")  # inverse frequencies that change with the sequence length
+
+
+@dataclass(slots=True, frozen=True)
+class NativeConfig:
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    vocab_size: int
+    max_length: int  # positions the RoPE tables cover, and the largest cache a runner may allocate
+    norm_eps: float
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{self.n_heads} query heads do not split into {self.n_kv_heads} kv groups")
+        if self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+
+
+@dataclass(slots=True)
+class Layer:
+    attn_norm: Tensor  # (dim,)
+    wqkv: Tensor  # ((H + 2 H_kv) * D, dim): q rows, then k rows, then v rows
+    bqkv: Tensor | None  # ((H + 2 H_kv) * D,)
+    wo: Tensor  # (dim, H * D)
+    bo: Tensor | None
+    mlp_norm: Tensor  # (dim,)
+    w13: Tensor  # (2 * ffn_dim, dim): gate rows, then up rows
+    b13: Tensor | None
+    w2: Tensor  # (dim, ffn_dim)
+    b2: Tensor | None
+
+
+@dataclass(slots=True)
+class NativeModel:
+    """Read-only weights and tables; all mutable state lives in a KVCache."""
+    config: NativeConfig
+    embed: Tensor  # (V, dim)
+    layers: list[Layer]
+    norm: Tensor  # (dim,)
+    head: Tensor  # (V, dim); the same tensor as embed when tied
+    cos: Tensor  # (max_length, D)
+    sin: Tensor  # (max_length, D), first half negated so that rotate_half(x) * sin == roll(x) * sin
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+
+@dataclass(slots=True)
+class KVCache:
+    k: list[Tensor]  # per layer (1, H_kv, S, D)
+    v: list[Tensor]  # per layer (1, H_kv, S, D)
+
+
+# ---------------------------------------------------------------- building
+
+
+def supports(hf_model) -> bool:
+    """Whether `NativeRunner.from_hf` handles this Hugging Face model exactly; others keep the HF path."""
+    cfg = getattr(hf_model, "config", None)
+    if cfg is None or getattr(cfg, "is_encoder_decoder", False):
+        return False
+    if getattr(cfg, "model_type", None) not in SUPPORTED_TYPES or getattr(cfg, "hidden_act", None) != "silu":
+        return False
+    inner = getattr(hf_model, "model", None)
+    rotary = getattr(inner, "rotary_emb", None)
+    if rotary is None or getattr(rotary, "rope_type", "default") in DYNAMIC_ROPE:
+        return False
+    head = getattr(hf_model, "lm_head", None)
+    return head is not None and getattr(head, "bias", None) is None and len(inner.layers) > 0
+
+
+def bf16_supported() -> bool:
+    """Native bf16 dot products (AVX512-BF16, AMX or Arm BF16); elsewhere bf16 is emulated and slow."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return True  # no flags to read: trust oneDNN
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """None -> bf16 where the CPU has it, else fp32; a bf16 request on a CPU without it falls back to fp32."""
+    if dtype is None:
+        return torch.bfloat16 if bf16_supported() else torch.float32
+    if dtype == torch.bfloat16 and not bf16_supported():
+        warnings.warn("this CPU has no native bf16; the native forward runs in float32")
+        return torch.float32
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"native forward runs in float32 or bfloat16, not {dtype}")
+    return dtype
+
+
+def from_hf(hf_model, dtype: torch.dtype | None = None) -> NativeModel:
+    """Copy-free where dtypes match: weights are referenced, fused and converted tensors are new."""
+    if not supports(hf_model):
+        raise ValueError(f"native forward does not handle {type(hf_model).__name__}")
+    dtype = resolve_dtype(dtype)
+    cfg, inner = hf_model.config, hf_model.model
+    attn = inner.layers[0].self_attn
+    head_dim = attn.q_proj.weight.shape[0] // cfg.num_attention_heads
+    config = NativeConfig(
+        n_layers=len(inner.layers), dim=cfg.hidden_size, n_heads=cfg.num_attention_heads,
+        n_kv_heads=cfg.num_key_value_heads, head_dim=head_dim, ffn_dim=inner.layers[0].mlp.up_proj.weight.shape[0],
+        vocab_size=hf_model.lm_head.weight.shape[0], max_length=_context_length(cfg), norm_eps=inner.norm.variance_epsilon,
+    )
+    embed = _weight(inner.embed_tokens.weight, dtype)
+    tied = hf_model.lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
+    head = embed if tied else _weight(hf_model.lm_head.weight, dtype)
+    cos, sin = rope_tables(inner.rotary_emb.inv_freq, inner.rotary_emb.attention_scaling, config.max_length, dtype)
+    layers = [_layer(block, config, dtype) for block in inner.layers]
+    model = NativeModel(config, embed, layers, _weight(inner.norm.weight, dtype), head, cos, sin)
+    _check_shapes(model)
+    return model
+
+
+def _context_length(cfg) -> int:
+    """max_position_embeddings, clamped to a sliding window: within the window full attention is exact."""
+    length = int(cfg.max_position_embeddings)
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None) or ()
+    if window and (not layer_types or "sliding_attention" in layer_types):
+        length = min(length, int(window))
+    return length
+
+
+def _weight(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    if t is None:
+        return None
+    t = t.detach()
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _cat(tensors: list[Tensor | None], dtype: torch.dtype) -> Tensor | None:
+    """Fuse along rows; absent biases are zeros when at least one part has one (as Qwen2's o_proj-less bias)."""
+    if all(t is None for t in tensors):
+        return None
+    like = next(t for t in tensors if t is not None)
+    return torch.cat([t.detach() if t is not None else torch.zeros_like(like) for t in tensors]).to(dtype)
+
+
+def _layer(block, config: NativeConfig, dtype: torch.dtype) -> Layer:
+    a, m = block.self_attn, block.mlp
+    return Layer(
+        attn_norm=_weight(block.input_layernorm.weight, dtype),
+        wqkv=_cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], dtype),
+        bqkv=_cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], dtype),
+        wo=_weight(a.o_proj.weight, dtype), bo=_weight(a.o_proj.bias, dtype),
+        mlp_norm=_weight(block.post_attention_layernorm.weight, dtype),
+        w13=_cat([m.gate_proj.weight, m.up_proj.weight], dtype),
+        b13=_cat([m.gate_proj.bias, m.up_proj.bias], dtype),
+        w2=_weight(m.down_proj.weight, dtype), b2=_weight(m.down_proj.bias, dtype),
+    )
+
+
+def _check_shapes(model: NativeModel) -> None:
+    """Fail loudly at build time rather than with a reshape error mid-decode."""
+    c = model.config
+    qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+    expected = {"wqkv": (qkv, c.dim), "wo": (c.dim, c.n_heads * c.head_dim), "w13": (2 * c.ffn_dim, c.dim),
+                "w2": (c.dim, c.ffn_dim), "attn_norm": (c.dim,), "mlp_norm": (c.dim,)}
+    for i, layer in enumerate(model.layers):
+        for name, shape in expected.items():
+            got = tuple(getattr(layer, name).shape)
+            if got != shape:
+                raise ValueError(f"layer {i} {name}: expected {shape}, got {got}")
+    if tuple(model.head.shape) != (c.vocab_size, c.dim) or tuple(model.embed.shape)[1] != c.dim:
+        raise ValueError(f"embed {tuple(model.embed.shape)} / head {tuple(model.head.shape)} do not fit dim {c.dim}")
+
+
+def rope_tables(inv_freq: Tensor, scaling: float, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sign-folded sin for positions 0..length-1, computed in fp32 as HF does, then cast."""
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq.float())  # (S, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (S, D)
+    cos, sin = emb.cos() * scaling, emb.sin() * scaling
+    half = inv_freq.shape[0]
+    sin[:, :half].neg_()  # rotate_half(x) = cat(-x2, x1) = roll(x, D/2) with the first half negated
+    return cos.to(dtype), sin.to(dtype)
+
+
+def early_exit(model: NativeModel, n_layers: int) -> NativeModel:
+    """The first n_layers, then the same final norm and head. Shares every weight tensor; copies none."""
+    if not 1 <= n_layers <= model.config.n_layers:
+        raise ValueError(f"early exit needs 1..{model.config.n_layers} layers, got {n_layers}")
+    config = dataclasses.replace(model.config, n_layers=n_layers)
+    return dataclasses.replace(model, config=config, layers=model.layers[:n_layers])
+
+
+def allocate_cache(config: NativeConfig, max_length: int, dtype: torch.dtype) -> KVCache:
+    """Uninitialised on purpose: nothing past the valid prefix is ever read, and untouched pages cost nothing."""
+    shape = (1, config.n_kv_heads, max_length, config.head_dim)  # (B, H_kv, S, D)
+    return KVCache([torch.empty(shape, dtype=dtype) for _ in range(config.n_layers)],
+                   [torch.empty(shape, dtype=dtype) for _ in range(config.n_layers)])
+
+
+# ---------------------------------------------------------------- forward
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (T, heads, D), cos/sin (T, 1, D) -> x rotated; roll by D/2 plus the folded sign is rotate_half."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
+
+
+def causal_mask(start: int, end: int) -> Tensor:
+    """(T, end) bool: the query at position start + i sees keys 0..start + i."""
+    return torch.arange(end) <= torch.arange(start, end).unsqueeze(1)
+
+
+def attention(layer: Layer, x: Tensor, k_cache: Tensor, v_cache: Tensor, start: int,
+              rope: tuple[Tensor, Tensor], mask: Tensor | None, c: NativeConfig) -> Tensor:
+    T, H, Hkv, D = x.shape[0], c.n_heads, c.n_kv_heads, c.head_dim
+    end = start + T
+    qkv = F.linear(x, layer.wqkv, layer.bqkv).view(T, H + 2 * Hkv, D)  # (T, H + 2 H_kv, D)
+    qk = apply_rope(qkv[:, :H + Hkv], *rope)  # (T, H + H_kv, D)
+    k_cache[0, :, start:end] = qk[:, H:].transpose(0, 1)  # (H_kv, T, D)
+    v_cache[0, :, start:end] = qkv[:, H + Hkv:].transpose(0, 1)  # (H_kv, T, D)
+    q = qk[:, :H].transpose(0, 1).unsqueeze(0)  # (1, H, T, D)
+    y = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask,
+                                       enable_gqa=H != Hkv)  # (1, H, T, D)
+    y = y[0].transpose(0, 1).reshape(T, H * D)  # (T, H * D)
+    return F.linear(y, layer.wo, layer.bo)  # (T, dim)
+
+
+def mlp(layer: Layer, x: Tensor, c: NativeConfig) -> Tensor:
+    gate_up = F.linear(x, layer.w13, layer.b13).view(x.shape[0], 2, c.ffn_dim)  # (T, 2, F)
+    return F.linear(F.silu(gate_up[:, 0]) * gate_up[:, 1], layer.w2, layer.b2)  # (T, dim)
+
+
+@torch.inference_mode()
+def forward(model: NativeModel, cache: KVCache, ids: Tensor, start: int, keep: int) -> Tensor:
+    """ids (T,) at positions start..start+T-1 -> float32 logits (keep, V) of the last `keep` positions."""
+    c = model.config
+    T = ids.shape[0]
+    end = start + T
+    rope = (model.cos[start:end].unsqueeze(1), model.sin[start:end].unsqueeze(1))  # (T, 1, D) each
+    mask = causal_mask(start, end) if T > 1 else None  # a single query sees the whole prefix
+    x = F.embedding(ids, model.embed)  # (T, dim)
+    for layer, k_cache, v_cache in zip(model.layers, cache.k, cache.v):
+        x = x + attention(layer, rms_norm(x, layer.attn_norm, c.norm_eps), k_cache, v_cache, start, rope, mask, c)
+        x = x + mlp(layer, rms_norm(x, layer.mlp_norm, c.norm_eps), c)
+    x = rms_norm(x[T - keep:], model.norm, c.norm_eps)  # (keep, dim): the head only where logits are kept
+    return F.linear(x, model.head).float()  # (keep, V)
+
+
+# ---------------------------------------------------------------- runner
+
+
+class NativeRunner:
+    """The decoding loop's runner interface over a NativeModel and its own static KV cache."""
+
+    def __init__(self, model: NativeModel, max_length: int | None = None):
+        limit = model.config.max_length
+        self.model = model
+        self.vocab_size = model.config.vocab_size
+        self.max_length = min(max_length or limit, limit)
+        self.cache = allocate_cache(model.config, self.max_length, model.dtype)
+        self.length = 0
+
+    @classmethod
+    def from_hf(cls, hf_model, dtype: torch.dtype | None = torch.bfloat16, max_length: int | None = None):
+        return cls(from_hf(hf_model, dtype), max_length)
+
+    def early_exit(self, n_layers: int) -> NativeRunner:
+        """A runner over the first n_layers + final norm + head, sharing weights, with its own cache."""
+        return NativeRunner(early_exit(self.model, n_layers), self.max_length)
+
+    def start(self, prompt_ids: list[int]) -> list[int]:
+        self.length = 0
+        return list(prompt_ids)
+
+    def forward(self, ids: list[int], keep: int = 1) -> Tensor:
+        if not 1 <= keep <= len(ids):
+            raise ValueError(f"keep must be in 1..{len(ids)}, got {keep}")
+        if self.length + len(ids) > self.max_length:
+            raise ValueError(f"sequence of {self.length + len(ids)} tokens exceeds the cache of {self.max_length}")
+        logits = forward(self.model, self.cache, torch.tensor(ids), self.length, keep)  # (keep, V)
+        self.length += len(ids)
+        return logits
+
+    def crop(self, n: int) -> None:
+        if n < 0:
+            raise ValueError(f"cannot crop to {n} tokens")
+        self.length = min(n, self.length)
