@@ -28,9 +28,10 @@ class GenerationResult:
 class BigLittle:
     """A big model, a little model and their shared tokenizer, decoded together."""
 
-    def __init__(self, big, little, tokenizer):
+    def __init__(self, big, little, tokenizer, little_description: str = "user-supplied model"):
         models.check_pair(big, little)
         self.big, self.little, self.tokenizer = big, little, tokenizer
+        self.little_description = little_description
         self.big_runner, self.little_runner = make_runner(big), make_runner(little)
         self.eos_ids = _eos_ids(big, tokenizer)
 
@@ -38,18 +39,17 @@ class BigLittle:
     def load(cls, big: str = "smollm2-135m", little: str | None = None, dtype=None, device=None) -> BigLittle:
         """Load by alias, hub id, directory or .gguf file; little=None is an early exit of big (untrained)."""
         big_model, tokenizer = models.load(big, dtype=dtype, device=device)
-        return cls(big_model, models.load_little(little, big_model, dtype=dtype, device=device), tokenizer)
+        little_model = models.load_little(little, big_model, dtype=dtype, device=device)
+        return cls(big_model, little_model, tokenizer, models.describe_little(little))
 
     def generate(self, prompt, **kwargs) -> GenerationResult:
         """Generate from a string, a list of token ids or a list of chat messages. See GenerationConfig."""
         *_, result = self._run(prompt, GenerationConfig(**kwargs))
         return result
 
-    def stream(self, prompt, **kwargs) -> Iterator[str]:
-        """Yield text pieces as they are finalised (text held back until no stop string can still match)."""
-        for piece in self._run(prompt, GenerationConfig(**kwargs)):
-            if isinstance(piece, str):
-                yield piece
+    def stream(self, prompt, **kwargs) -> Stream:
+        """Text pieces as they are finalised; after iterating, `.result` holds the GenerationResult."""
+        return Stream(self._run(prompt, GenerationConfig(**kwargs)))
 
     def _run(self, prompt, cfg: GenerationConfig) -> Iterator[str | GenerationResult]:
         """Yield text pieces, then the GenerationResult."""
@@ -108,6 +108,25 @@ class BigLittle:
             raise BildError("this tokenizer has no chat template; pass a plain string prompt")
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+class Stream:
+    """Iterate for text pieces (held back until no stop string can still match them); then read .result."""
+
+    def __init__(self, run: Iterator[str | GenerationResult]):
+        self._run = run
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for item in self._run:
+            if isinstance(item, GenerationResult):
+                self.result = item
+            else:
+                yield item
+
+    def close(self) -> None:
+        """Stop generating (e.g. the client went away); the models are free for the next request."""
+        self._run.close()
 
 
 class _Output:

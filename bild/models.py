@@ -139,6 +139,14 @@ def load_little(spec: str | None, big: nn.Module, dtype=None, device=None) -> nn
     return model
 
 
+def describe_little(spec: str | None) -> str:
+    if spec is None or spec.startswith("early-exit"):
+        k = spec.partition(":")[2] if spec else ""
+        return (f"early exit of the big model after {k or DEFAULT_EARLY_EXIT_LAYERS} layers "
+                "(UNTRAINED: expect low acceptance and little or no speedup)")
+    return spec
+
+
 def vocab_size(model: nn.Module) -> int:
     return model.get_output_embeddings().weight.shape[0]
 

@@ -6,34 +6,32 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 VOCAB = 96
+torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than they save, and CI has 2 shared cores
 
 
-class CharTokenizer:
-    """Token id = byte value offset by 3; 0 pad, 1 bos, 2 eos. Enough of the HF tokenizer API for bild."""
-
-    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
-    chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
-
-    def __call__(self, text):
-        return type("Enc", (), {"input_ids": [self.bos_token_id] + [3 + (ord(c) % (VOCAB - 3)) for c in text]})
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(chr(i - 3 + 32) if i >= 3 else ("" if skip_special_tokens else f"<{i}>") for i in ids)
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
-        return self("".join(m["content"] for m in messages)).input_ids
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A real fast tokenizer, one token per printable ASCII character; 0 pad, 1 bos, 2 eos."""
+    chars = [chr(i) for i in range(32, 32 + VOCAB - 3)]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    return fast
 
 
-def tiny_llama(seed: int, layers: int = 2, vocab: int = VOCAB) -> LlamaForCausalLM:
+def tiny_llama(seed: int, layers: int = 2, vocab: int = VOCAB, head_scale: float = 8.0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = LlamaForCausalLM(cfg).eval()
-    _sharpen(model.lm_head.weight)
+    _sharpen(model.lm_head.weight, head_scale)
     return model
 
 
@@ -47,10 +45,10 @@ def tiny_t5(seed: int, layers: int = 2, vocab: int = VOCAB) -> T5ForConditionalG
     return model
 
 
-def _sharpen(weight: torch.Tensor) -> None:
+def _sharpen(weight: torch.Tensor, scale: float = 8.0) -> None:
     """Random heads give near-uniform distributions; scale them so outputs have structure and rare EOS."""
     with torch.no_grad():
-        weight.mul_(8.0 / weight.std())
+        weight.mul_(scale / weight.std())
         weight[2] = weight[2] * 0.25
 
 
@@ -66,7 +64,16 @@ def perturbed(model, noise: float, seed: int = 123):
 
 @pytest.fixture(scope="session")
 def tok():
-    return CharTokenizer()
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    """A tiny LLaMA saved with its tokenizer, loadable by path like any Hugging Face model."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(0, layers=2).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(scope="session")

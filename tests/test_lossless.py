@@ -1,0 +1,157 @@
+"""Losslessness: greedy equality with `ar`, self-drafting, and exact sampling distributions."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from bild import BigLittle
+from bild.config import GenerationConfig
+from bild.policies import probs, speculative_accept, target
+from conftest import perturbed, tiny_llama, tiny_t5
+
+
+def random_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(3, 96) for _ in range(rng.randrange(1, 12))] for _ in range(n)]
+
+
+@pytest.fixture(scope="module", params=["llama", "t5"])
+def pair(request, llama_pair, t5_pair, tok):
+    big, little = llama_pair if request.param == "llama" else t5_pair
+    return BigLittle(big, little, tok)
+
+
+@pytest.fixture(scope="module")
+def ar_outputs(pair):
+    return [pair.generate(p, policy="ar", max_new_tokens=24).token_ids for p in random_prompts(50)]
+
+
+@pytest.mark.parametrize("gamma", [1, 4, 8])
+def test_greedy_speculative_equals_ar(pair, ar_outputs, gamma):
+    accepted = 0
+    for prompt, expected in zip(random_prompts(50), ar_outputs):
+        res = pair.generate(prompt, policy="speculative", gamma=gamma, fallback=0.0, max_new_tokens=24)
+        assert res.token_ids == expected
+        accepted += sum(res.stats.accepted)
+    assert accepted > 0  # the drafts were really used, not all rejected
+
+
+def test_greedy_speculative_with_fallback_and_adaptive_gamma_equals_ar(pair, ar_outputs):
+    for prompt, expected in zip(random_prompts(50), ar_outputs):
+        res = pair.generate(prompt, policy="speculative", gamma=2, adaptive=True, fallback=0.6, max_new_tokens=24)
+        assert res.token_ids == expected
+
+
+def test_greedy_bild_with_zero_rollback_equals_ar(pair, ar_outputs):
+    rollbacks = 0
+    for prompt, expected in zip(random_prompts(50), ar_outputs):
+        res = pair.generate(prompt, policy="bild", rollback=0.0, max_new_tokens=24)
+        assert res.token_ids == expected
+        rollbacks += res.stats.rollbacks
+    assert rollbacks > 0  # disagreements did happen and were rolled back
+
+
+def test_bild_without_rollback_keeps_every_little_token(pair):
+    """fallback=0 and rollback=inf: the little model writes everything, the big model adds every 10th token."""
+    res = pair.generate([1, 5, 6], policy="bild", fallback=0.0, rollback=float("inf"), max_new_tokens=22)
+    little = pair.generate([1, 5, 6], policy="little", max_new_tokens=10)
+    assert res.token_ids[:10] == little.token_ids
+    assert res.stats.rollbacks == 0 and res.stats.fallbacks == 0
+    assert res.stats.accepted == [10, 10]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_t5])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_self_draft_accepts_every_draft(make, temperature, tok):
+    big = make(0)
+    bl = BigLittle(big, big, tok)
+    for prompt in random_prompts(5):
+        res = bl.generate(prompt, policy="speculative", gamma=4, fallback=0.0, temperature=temperature,
+                          seed=1, max_new_tokens=20)
+        assert sum(res.stats.accepted) == sum(res.stats.drafted) > 0
+
+
+def test_same_seed_same_sample(pair):
+    kwargs = dict(policy="speculative", temperature=0.9, top_p=0.95, max_new_tokens=16)
+    a = pair.generate([1, 9, 9], seed=7, **kwargs).token_ids
+    assert a == pair.generate([1, 9, 9], seed=7, **kwargs).token_ids
+    assert any(pair.generate([1, 9, 9], seed=s, **kwargs).token_ids != a for s in range(8, 12))
+
+
+# ---- sampling is distribution-exact -------------------------------------------------------------
+
+V_SMALL = 8
+SAMPLING = dict(temperature=0.7, top_k=6, top_p=0.9)
+
+
+@pytest.fixture(scope="module")
+def small_pair(tok):
+    big = tiny_llama(3, vocab=V_SMALL, head_scale=0.15)
+    return big, perturbed(big, 0.4)
+
+
+def exact_two_token_distribution(big, prompt: list[int]) -> torch.Tensor:
+    """P(x1, x2) under the big model's processed distribution, as a (V, V) table."""
+    cfg = GenerationConfig(**SAMPLING)
+    with torch.no_grad():
+        p1 = probs(big(torch.tensor([prompt])).logits[0, -1], cfg)  # (V,)
+        seqs = torch.tensor([prompt + [x] for x in range(V_SMALL)])  # (V, T+1)
+        p2 = probs(big(seqs).logits[:, -1], cfg)  # (V, V)
+    return p1[:, None] * p2
+
+
+def empirical(samples: list[tuple[int, int]]) -> torch.Tensor:
+    counts = torch.zeros(V_SMALL, V_SMALL)
+    for a, b in samples:
+        counts[a, b] += 1
+    return counts
+
+
+def assert_matches(counts: torch.Tensor, expected: torch.Tensor) -> None:
+    n = counts.sum()
+    support = expected.flatten() > 0
+    assert counts.flatten()[~support].sum() == 0, "sampled a token the big model gives zero probability"
+    obs, exp = counts.flatten()[support], expected.flatten()[support] * n
+    assert chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3
+    assert 0.5 * (counts / n - expected).abs().sum() < 0.04  # total variation
+
+
+@pytest.mark.parametrize("policy,extra", [("speculative", dict(gamma=2, fallback=0.0)),
+                                          ("speculative", dict(gamma=3, fallback=0.5)),
+                                          ("bild", dict(rollback=0.0, fallback=0.0))])
+def test_sampling_matches_big_distribution(small_pair, tok, policy, extra):
+    """Catches q taken from raw logits (transformers #47932): temperature, top-k and top-p reshape q here."""
+    big, little = small_pair
+    bl = BigLittle(big, little, tok)
+    bl.eos_ids = set()  # token 2 is an ordinary token in this 8-token vocabulary
+    prompt = [1, 4, 5]
+    samples = [tuple(bl.generate(prompt, policy=policy, max_new_tokens=2, seed=s, **SAMPLING, **extra).token_ids)
+               for s in range(4000)]
+    assert_matches(empirical(samples), exact_two_token_distribution(big, prompt))
+
+
+def test_greedy_draft_is_verified_against_its_one_hot_choice():
+    """Catches a greedy draft checked against its full softmax (transformers #32867).
+
+    The draft picks argmax q; the rule must use q = one-hot(argmax). The test first shows it has the power to
+    catch the bug: the buggy rule, with q = softmax, gives a visibly wrong distribution."""
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(2, V_SMALL), -1)            # (2, V) target(p), sampling
+    q_soft = torch.softmax(torch.randn(1, V_SMALL) * 2, -1)   # (1, V) the draft's softmax
+    draft = q_soft.argmax(-1)                                  # (1,) a greedy draft
+    q_greedy = target(q_soft, GenerationConfig(temperature=0.0))
+
+    def first_tokens(q, n=20000):
+        gen = torch.Generator().manual_seed(1)
+        out = torch.zeros(V_SMALL)
+        for _ in range(n):
+            kept, token = speculative_accept(p, q, draft, gen)
+            out[int(draft[0]) if kept else token] += 1
+        return out / n
+
+    assert 0.5 * (first_tokens(q_greedy) - p[0]).abs().sum() < 0.02
+    assert 0.5 * (first_tokens(q_soft) - p[0]).abs().sum() > 0.05  # the bug would be caught
