@@ -232,23 +232,25 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
 
 
-def causal_mask(start: int, end: int) -> Tensor:
-    """(T, end) bool: the query at position start + i sees keys 0..start + i."""
-    return torch.arange(end) <= torch.arange(start, end).unsqueeze(1)
+def group_mask(start: int, end: int, groups: int) -> Tensor:
+    """(G * T, end) bool for grouped queries (rows ordered g, t): position start + t sees keys 0..start + t."""
+    causal = torch.arange(end) <= torch.arange(start, end).unsqueeze(1)  # (T, end)
+    return causal.repeat(groups, 1)  # (G * T, end)
 
 
 def attention(layer: Layer, x: Tensor, k_cache: Tensor, v_cache: Tensor, start: int,
               rope: tuple[Tensor, Tensor], mask: Tensor | None, c: NativeConfig) -> Tensor:
+    """GQA by folding each kv head's G query heads into the query axis: one SDPA per kv head, no expanded K/V.
+    At T = 1 this is also a mask-free SDPA, several times faster on CPU than enable_gqa."""
     T, H, Hkv, D = x.shape[0], c.n_heads, c.n_kv_heads, c.head_dim
-    end = start + T
+    G, end = H // Hkv, start + T
     qkv = F.linear(x, layer.wqkv, layer.bqkv).view(T, H + 2 * Hkv, D)  # (T, H + 2 H_kv, D)
     qk = apply_rope(qkv[:, :H + Hkv], *rope)  # (T, H + H_kv, D)
     k_cache[0, :, start:end] = qk[:, H:].transpose(0, 1)  # (H_kv, T, D)
     v_cache[0, :, start:end] = qkv[:, H + Hkv:].transpose(0, 1)  # (H_kv, T, D)
-    q = qk[:, :H].transpose(0, 1).unsqueeze(0)  # (1, H, T, D)
-    y = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask,
-                                       enable_gqa=H != Hkv)  # (1, H, T, D)
-    y = y[0].transpose(0, 1).reshape(T, H * D)  # (T, H * D)
+    q = qk[:, :H].reshape(T, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * T, D)  # (1, H_kv, G * T, D)
+    y = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask)
+    y = y.view(Hkv, G, T, D).permute(2, 0, 1, 3).reshape(T, H * D)  # (T, H * D), head h = kv * G + g
     return F.linear(y, layer.wo, layer.bo)  # (T, dim)
 
 
@@ -264,7 +266,7 @@ def forward(model: NativeModel, cache: KVCache, ids: Tensor, start: int, keep: i
     T = ids.shape[0]
     end = start + T
     rope = (model.cos[start:end].unsqueeze(1), model.sin[start:end].unsqueeze(1))  # (T, 1, D) each
-    mask = causal_mask(start, end) if T > 1 else None  # a single query sees the whole prefix
+    mask = group_mask(start, end, c.n_heads // c.n_kv_heads) if T > 1 else None  # one query sees the whole prefix
     x = F.embedding(ids, model.embed)  # (T, dim)
     for layer, k_cache, v_cache in zip(model.layers, cache.k, cache.v):
         x = x + attention(layer, rms_norm(x, layer.attn_norm, c.norm_eps), k_cache, v_cache, start, rope, mask, c)
