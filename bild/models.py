@@ -56,6 +56,8 @@ def load(spec: str, dtype=None, device=None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     where, gguf = resolve(spec)
+    if gguf:
+        where, gguf = _converted(where, gguf)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
@@ -68,6 +70,34 @@ def load(spec: str, dtype=None, device=None):
         raise BildError(f"could not load model {spec!r}: {_first_line(e)}") from e
     model.eval()
     return (model.to(device) if device else model), tokenizer
+
+
+def _converted(directory: str, gguf: str) -> tuple[str, str | None]:
+    """Dequantising a GGUF file takes ~20 s; do it once and keep a safetensors copy in the user's cache."""
+    path = os.path.join(directory, gguf)
+    stat = os.stat(path)
+    cache_root = os.environ.get("BILD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "bild"))
+    target = os.path.join(cache_root, "converted", f"{gguf.removesuffix('.gguf')}-{stat.st_size}-{int(stat.st_mtime)}")
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target, None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+    except Exception as e:
+        raise BildError(f"could not load model {path!r}: {_first_line(e)}") from e
+    model.hf_quantizer = None  # the weights are already dequantised to fp32; only the marker blocks saving
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = f"{target}.tmp{os.getpid()}"
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a crash never leaves a half-written cache behind
+    except OSError:  # a read-only or full disk: load from the GGUF file every time instead
+        return directory, gguf
+    return target, None
 
 
 def _first_line(e: Exception) -> str:

@@ -1,18 +1,28 @@
-"""Teacher data: the big model's own greedy continuations of prompts, with its top-k logits cached.
+"""Training little models: token-level KD and BiLD prediction alignment, on CPU with bf16 autocast.
 
-Generating costs one big forward per token, and the logits needed for distillation come for free on
-the way, so they are stored (top-k values fp16 + ids int32) and every experiment and epoch reuses them
-without running the big model again.
+Two data sources share one training loop:
 
-A shard is a list of examples:
+- "aligned" (BiLD prediction alignment): the big model's own greedy continuations of calibration prompts,
+  with its top-k logits cached once (`build_teacher_cache`). Generating costs one big forward per token and
+  the logits needed for distillation come for free on the way, so every epoch and every experiment reuses
+  them without running the big model again. Loss = w_kd * token-level KD (cross-entropy to the big model's
+  renormalised top-k softmax) + w_ce * sequence-level KD (cross-entropy to the big model's greedy token).
+- "text": ShareGPT conversations with the big model run online as the teacher (KL to its full softmax).
+
+A teacher shard is a list of examples:
     {"ids": (L,) int64 prompt+continuation, "start": P-1 (first position whose next token was generated),
      "topv": (n, k) float16, "topi": (n, k) int32}   with n = L - P: position start+j predicts ids[start+j+1].
+
+Progress: tqdm bar with ETA; JSONL log (loss, held-out top-1 agreement α over time); a checkpoint every
+few minutes that `train` resumes from after an interruption (same seed, same data order).
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -112,25 +122,291 @@ def load_teacher_cache(directory: str, max_shards: int | None = None) -> list[di
     return [ex for p in paths for ex in torch.load(p)]
 
 
-def main(argv=None):
-    import argparse
-    from . import models
-    ap = argparse.ArgumentParser(description="cache the big model's greedy outputs and top-k logits")
-    ap.add_argument("out_dir")
-    ap.add_argument("--big", default="smollm2-135m")
-    ap.add_argument("--split", default="calibration")
-    ap.add_argument("--n-prompts", type=int, default=2000)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--top-k", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    big, tok = models.load(a.big)
-    cfg = TeacherConfig(a.out_dir, a.split, a.n_prompts, max_new_tokens=a.max_new_tokens,
-                        batch_size=a.batch_size, top_k=a.top_k)
-    build_teacher_cache(big, tok, cfg)
+# ----------------------------------------------------------------------------------------------- training
+
+@dataclass(slots=True)
+class TrainConfig:
+    out_dir: str
+    teacher_dir: str | None = None     # aligned data (calibration teacher cache); None: train on ShareGPT text
+    heldout_dir: str | None = None     # held-out teacher cache for α
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    batch_size: int = 8                # sequences per step
+    max_len: int = 384                 # text mode: tokens per sequence
+    w_kd: float = 1.0                  # token-level KD weight
+    w_ce: float = 1.0                  # sequence-level KD weight (cross-entropy to the big model's greedy token)
+    max_steps: int = 10_000_000
+    max_minutes: float = 10.0
+    eval_every_minutes: float = 2.0
+    ckpt_every_minutes: float = 5.0
+    seed: int = 0
+    threads: int = 2
+    autocast: bool = True              # bf16 autocast on CPU
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.batch_size < 1:
+            raise ValueError("lr must be > 0 and batch_size >= 1")
 
 
-if __name__ == "__main__":
-    main()
+@dataclass(slots=True)
+class TrainState:
+    step: int = 0
+    tokens: int = 0                    # loss positions seen
+    seconds: float = 0.0               # training wall time, summed across resumes
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_alpha: float = -1.0
+
+
+def vocab_lookup(draft, vocab_size: int) -> torch.Tensor | None:
+    """(V,) map from token id to its column in a reduced head, -1 where not kept; None for a full head."""
+    from .draft import ReducedHead
+    head = draft.lm_head
+    if not isinstance(head, ReducedHead):
+        return None
+    lookup = torch.full((vocab_size,), -1, dtype=torch.long)
+    lookup[head.kept] = torch.arange(len(head.kept))
+    return lookup
+
+
+def student_logits(draft, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Draft logits at (row, col) `positions` only: (M, N) over the reduced head or (M, V) over the full one."""
+    from .draft import ReducedHead
+    hidden = draft.model(input_ids=ids).last_hidden_state        # (B, T, H)
+    picked = hidden[positions[:, 0], positions[:, 1]]             # (M, H)
+    head = draft.lm_head
+    return head.reduced(picked) if isinstance(head, ReducedHead) else head(picked)
+
+
+def topk_kd_loss(logits, topv, topi, greedy, lookup, w_kd: float, w_ce: float) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy to the teacher's renormalised top-k softmax (token KD) + to its greedy token (sequence KD).
+
+    logits (M, N); topv/topi (M, k); greedy (M,). With a reduced head, teacher ids outside it are dropped.
+    """
+    logq = torch.log_softmax(logits.float(), dim=-1)                               # (M, N)
+    cols, valid = topi.long(), torch.ones_like(topi, dtype=torch.bool)
+    if lookup is not None:
+        cols = lookup[cols]
+        valid = cols >= 0
+        cols = cols.clamp(min=0)
+    p = torch.softmax(topv.float().masked_fill(~valid, float("-inf")), dim=-1)     # (M, k)
+    p = torch.nan_to_num(p)                                                        # rows with nothing kept
+    kd = -(p * logq.gather(1, cols)).sum(-1).mean()
+    g = greedy.long() if lookup is None else lookup[greedy.long()]
+    hit = g >= 0
+    ce = -logq[hit].gather(1, g[hit][:, None]).mean() if hit.any() else logq.new_zeros(())
+    return w_kd * kd + w_ce * ce, {"kd": kd.item(), "ce": ce.item()}
+
+
+def pad_batch(examples: list[dict], pad_id: int) -> dict:
+    """Right-pad aligned examples; gather loss positions and their teacher targets."""
+    width = max(len(e["ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)             # (B, T)
+    rows, cols, topv, topi = [], [], [], []
+    for b, e in enumerate(examples):
+        ids[b, :len(e["ids"])] = e["ids"]
+        n = len(e["topv"])
+        rows.append(torch.full((n,), b))
+        cols.append(torch.arange(e["start"], e["start"] + n))
+        topv.append(e["topv"])
+        topi.append(e["topi"])
+    positions = torch.stack([torch.cat(rows), torch.cat(cols)], dim=1)             # (M, 2)
+    return {"ids": ids, "positions": positions, "topv": torch.cat(topv), "topi": torch.cat(topi)}
+
+
+def epoch_batches(examples: list[dict], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Deterministic length-grouped batches: shuffle, sort within windows of 16 batches, shuffle batches."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(len(examples), generator=g).tolist()
+    window = batch_size * 16
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w:w + window], key=lambda i: len(examples[i]["ids"]))
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    perm = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in perm]
+
+
+@torch.no_grad()
+def agreement(draft, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict:
+    """Top-1 agreement α of the draft with the big model's greedy tokens (teacher-forced), and top-k coverage."""
+    hits = total = 0
+    for b in range(0, len(examples), batch_size):
+        batch = pad_batch(examples[b:b + batch_size], pad_id)
+        hidden = draft.model(input_ids=batch["ids"]).last_hidden_state                # (B, T, H)
+        pos = batch["positions"]
+        logits = draft.lm_head(hidden[pos[:, 0], pos[:, 1]][:, None])[:, 0]         # (M, V)
+        hits += (logits.argmax(-1) == batch["topi"][:, 0].long()).sum().item()
+        total += len(pos)
+    return {"alpha": hits / max(total, 1), "positions": total}
+
+
+def _checkpoint_path(cfg: TrainConfig) -> str:
+    return os.path.join(cfg.out_dir, "ckpt.pt")
+
+
+def save_checkpoint(cfg: TrainConfig, draft, big, optimizer, state: TrainState, best: bool = False) -> None:
+    from dataclasses import asdict
+    from .draft import unique_state
+    blob = {"weights": {n: t.clone() for n, t in unique_state(draft, big).items()},
+            "optimizer": optimizer.state_dict(), "state": asdict(state)}
+    path = os.path.join(cfg.out_dir, "best.pt") if best else _checkpoint_path(cfg)
+    if best:
+        blob = {"weights": blob["weights"], "state": blob["state"]}
+    torch.save(blob, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_weights(draft, big, weights: dict) -> None:
+    from .draft import unique_state
+    own = unique_state(draft, big)
+    assert set(own) == set(weights), f"checkpoint does not match the draft: {sorted(set(own) ^ set(weights))[:5]}"
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            own[name].copy_(tensor)
+
+
+def resume(cfg: TrainConfig, draft, big, optimizer) -> TrainState:
+    path = _checkpoint_path(cfg)
+    if not os.path.exists(path):
+        return TrainState()
+    blob = torch.load(path)
+    load_weights(draft, big, blob["weights"])
+    optimizer.load_state_dict(blob["optimizer"])
+    return TrainState(**blob["state"])
+
+
+def _lr(cfg: TrainConfig, step: int) -> float:
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+
+
+class _Log:
+    def __init__(self, path: str):
+        self.path = path
+
+    def write(self, **row) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def train(draft, big, cfg: TrainConfig, examples: list[dict] | None = None, heldout: list[dict] | None = None,
+          pad_id: int = 0, text_batches=None) -> TrainState:
+    """Train the draft's unique weights; resumes from cfg.out_dir/ckpt.pt if present.
+
+    `examples`: aligned teacher examples (top-k KD). `text_batches(step) -> (B, T) ids`: online-teacher text KD.
+    """
+    from .draft import trainable_parameters
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    for p in big.parameters():
+        p.requires_grad_(False)
+    params = trainable_parameters(draft, big)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    state = resume(cfg, draft, big, optimizer)
+    lookup = vocab_lookup(draft, big.config.vocab_size)
+    log = _Log(os.path.join(cfg.out_dir, "log.jsonl"))
+    log.write(event="start", step=state.step, tokens=state.tokens, config=_plain(cfg))
+    budget = cfg.max_minutes * 60
+    bar = tqdm(total=int(budget), initial=int(min(state.seconds, budget)), unit="s", desc="train",
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}s [{elapsed}<{remaining}] {postfix}")
+    last_eval = last_ckpt = state.seconds
+    batches = epoch_batches(examples, cfg.batch_size, cfg.seed, state.epoch) if examples else None
+    if heldout and state.step == 0:
+        _evaluate(draft, heldout, pad_id, state, log, cfg, big, optimizer)
+    while state.step < cfg.max_steps and state.seconds < budget:
+        t0 = time.time()
+        draft.train()
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(cfg, state.step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast):
+            if batches is not None:
+                if state.batch_in_epoch >= len(batches):
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                    batches = epoch_batches(examples, cfg.batch_size, cfg.seed, state.epoch)
+                batch = pad_batch([examples[i] for i in batches[state.batch_in_epoch]], pad_id)
+                logits = student_logits(draft, batch["ids"], batch["positions"])
+                loss, parts = topk_kd_loss(logits, batch["topv"], batch["topi"], batch["topi"][:, 0],
+                                           lookup, cfg.w_kd, cfg.w_ce)
+                n_tokens = len(batch["positions"])
+            else:
+                loss, parts, n_tokens = _text_step(draft, big, text_batches(state.step), lookup, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        state.step += 1
+        state.batch_in_epoch += 1
+        state.tokens += n_tokens
+        dt = time.time() - t0
+        state.seconds += dt
+        bar.update(int(min(state.seconds, budget)) - bar.n)
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{n_tokens / dt:.0f}", alpha=f"{state.best_alpha:.3f}")
+        if state.step % 10 == 0:
+            log.write(event="step", step=state.step, tokens=state.tokens, minutes=round(state.seconds / 60, 2),
+                      loss=round(loss.item(), 4), **{k: round(v, 4) for k, v in parts.items()},
+                      lr=_lr(cfg, state.step), tok_per_s=round(n_tokens / dt, 1))
+        if heldout and state.seconds - last_eval >= cfg.eval_every_minutes * 60:
+            _evaluate(draft, heldout, pad_id, state, log, cfg, big, optimizer)
+            last_eval = state.seconds
+        if state.seconds - last_ckpt >= cfg.ckpt_every_minutes * 60:
+            save_checkpoint(cfg, draft, big, optimizer, state)
+            last_ckpt = state.seconds
+    if heldout:
+        _evaluate(draft, heldout, pad_id, state, log, cfg, big, optimizer)
+    save_checkpoint(cfg, draft, big, optimizer, state)
+    bar.close()
+    draft.eval()
+    return state
+
+
+def _evaluate(draft, heldout, pad_id, state: TrainState, log: _Log, cfg: TrainConfig, big, optimizer) -> None:
+    draft.eval()
+    result = agreement(draft, heldout, pad_id)
+    log.write(event="eval", step=state.step, tokens=state.tokens, minutes=round(state.seconds / 60, 2), **result)
+    if result["alpha"] > state.best_alpha:
+        state.best_alpha = result["alpha"]
+        save_checkpoint(cfg, draft, big, optimizer, state, best=True)
+
+
+def _text_step(draft, big, ids: torch.Tensor, lookup, cfg: TrainConfig):
+    """Token-level KD on text: KL(big || draft) over the full (or kept) vocabulary at every position."""
+    with torch.no_grad():
+        teacher = big(input_ids=ids).logits[:, :-1].float()                         # (B, T-1, V)
+    hidden = draft.model(input_ids=ids).last_hidden_state[:, :-1]                  # (B, T-1, H)
+    head = draft.lm_head
+    if lookup is not None:
+        teacher = teacher[..., head.kept]                                          # (B, T-1, N)
+        student = head.reduced(hidden)
+    else:
+        student = head(hidden)
+    p = torch.softmax(teacher, -1)
+    logq = torch.log_softmax(student.float(), -1)
+    kd = (p * (torch.log(p.clamp_min(1e-12)) - logq)).sum(-1).mean()
+    greedy = teacher.argmax(-1)                                                    # (B, T-1)
+    ce = -logq.gather(-1, greedy[..., None]).mean()
+    return cfg.w_kd * kd + cfg.w_ce * ce, {"kd": kd.item(), "ce": ce.item()}, greedy.numel()
+
+
+def text_batch_fn(tokenizer, batch_size: int, max_len: int, seed: int = 0):
+    """(step) -> (B, max_len) ids cut from chat-templated calibration ShareGPT conversations (deterministic)."""
+    from . import data
+    stream = []
+    for conv in data.sharegpt_texts(heldout=False):
+        stream += _as_ids(tokenizer.apply_chat_template(conv))
+        if len(stream) > 3_000_000:
+            break
+    chunks = torch.tensor(stream[:len(stream) // max_len * max_len]).view(-1, max_len)   # (C, T)
+    order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))
+
+    def batch(step: int) -> torch.Tensor:
+        start = step * batch_size % len(chunks)
+        return chunks[order[start:start + batch_size]]
+    return batch
+
+
+def _plain(cfg) -> dict:
+    from dataclasses import asdict
+    return asdict(cfg)

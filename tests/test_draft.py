@@ -1,0 +1,148 @@
+"""Fast tests of draft building, saving, the ShareGPT reader, the split and training, on tiny random models."""
+
+import json
+
+import pytest
+import torch
+
+from bild import data, draft as D, train as T
+
+VOCAB = 96
+
+
+@pytest.fixture(scope="module")
+def big():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _examples(big, n=12, length=20, seed=0):
+    """Aligned examples from the tiny big model itself (its greedy token is the label, as in real data)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, VOCAB, (length,), generator=g)
+        with torch.no_grad():
+            logits = big(input_ids=ids[None]).logits[0]                  # (L, V)
+        start = 5
+        topv, topi = logits[start:-1].topk(8, dim=-1)
+        out.append({"ids": ids, "start": start, "topv": topv.half(), "topi": topi.int()})
+    return out
+
+
+def _forward(model, ids, k):
+    from transformers import DynamicCache
+    return model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=k).logits
+
+
+@pytest.mark.parametrize("kind", ["shallow", "early_exit"])
+def test_build_save_load_references_big(big, kind, tmp_path):
+    recipe = D.DraftRecipe(kind=kind, big="tiny", n_layers=2, init="spread")
+    little = D.build_draft(big, recipe)
+    assert little.model.embed_tokens.weight.data_ptr() == big.model.embed_tokens.weight.data_ptr()
+    assert little.lm_head is big.lm_head and little.model.rotary_emb is big.model.rotary_emb
+    with torch.no_grad():
+        for p in D.trainable_parameters(little, big):
+            p.add_(0.01 * torch.randn_like(p))
+    D.save_draft(little, big, recipe, str(tmp_path))
+    assert D.is_draft_dir(str(tmp_path)) and not D.is_draft_dir(str(tmp_path / "nope"))
+    saved = json.load(open(tmp_path / D.RECIPE_FILE))
+    assert saved["kind"] == kind
+    from safetensors.torch import load_file
+    names = set(load_file(str(tmp_path / D.WEIGHTS_FILE)))
+    assert not any("embed_tokens" in n or "lm_head" in n for n in names)
+    if kind == "early_exit":   # shared big layers are not saved
+        assert not any(n.startswith(("model.layers.0.", "model.layers.1.")) for n in names)
+    loaded = D.load_draft(str(tmp_path), big)
+    assert loaded.model.embed_tokens.weight.data_ptr() == big.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, VOCAB, (1, 7))
+    out = _forward(loaded, ids, 3)
+    assert out.shape == (1, 3, VOCAB)
+    torch.testing.assert_close(out, _forward(little, ids, 3))
+
+
+def test_layer_choice():
+    assert D.resolve_layers(D.DraftRecipe(n_layers=2, init="spread"), 30) == [0, 29]
+    assert D.resolve_layers(D.DraftRecipe(n_layers=3, init="first"), 30) == [0, 1, 2]
+    assert D.resolve_layers(D.DraftRecipe(kind="early_exit", n_layers=4), 30) == [0, 1, 2, 3]
+
+
+def test_reduced_vocab_head_zero_outside(big, tmp_path):
+    kept = D.frequent_tokens([torch.tensor([5, 5, 5, 7, 7, 9, 11])], n=3, always=[2])
+    assert kept.tolist() == [2, 5, 7]
+    recipe = D.DraftRecipe(n_layers=1, init="first")
+    little = D.build_draft(big, recipe, kept)
+    probs = torch.softmax(_forward(little, torch.randint(0, VOCAB, (1, 6)), 6), -1)   # (1, 6, V)
+    outside = torch.ones(VOCAB, dtype=torch.bool)
+    outside[kept] = False
+    assert probs[..., outside].abs().max() == 0
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1, 6))
+    D.save_draft(little, big, recipe, str(tmp_path))
+    assert D.load_draft(str(tmp_path), big).lm_head.kept.tolist() == [2, 5, 7]
+
+
+def test_sharegpt_reader_truncated(tmp_path):
+    records = [{"id": f"c{i}_0", "conversations": [{"from": "human", "value": f"q{i}"},
+                                                 {"from": "gpt", "value": "a"}]} for i in range(5)]
+    text = json.dumps(records + [{"not": "a record"}], indent=2)
+    cut = text[: text.index('"q4"') + 2]              # the file ends inside the fifth record
+    path = tmp_path / "sharegpt.json"
+    path.write_text(cut)
+    report = data.ReadReport()
+    got = list(data.iter_sharegpt(str(path), report))
+    assert [r["id"] for r in got] == ["c0_0", "c1_0", "c2_0", "c3_0"]
+    assert report.whole == 4 and report.truncated_bytes > 0
+    whole = tmp_path / "whole.json"
+    whole.write_text(text)
+    report = data.ReadReport()
+    assert len(list(data.iter_sharegpt(str(whole), report))) == 5 and report.malformed == 1
+
+
+def test_split_deterministic_and_disjoint():
+    ids = [f"conv{i}_{j}" for i in range(2000) for j in range(2)]
+    first = [data.is_heldout(i) for i in ids]
+    assert first == [data.is_heldout(i) for i in ids]
+    held = {i.rsplit("_", 1)[0] for i, h in zip(ids, first) if h}
+    cal = {i.rsplit("_", 1)[0] for i, h in zip(ids, first) if not h}
+    assert held and cal and not held & cal             # parts of one conversation stay on one side
+    assert 0.02 < len(held) / 2000 < 0.09
+
+
+def _train_cfg(tmp_path, **kw):
+    base = dict(out_dir=str(tmp_path), lr=3e-3, warmup_steps=1, batch_size=4, max_minutes=5,
+                eval_every_minutes=100, ckpt_every_minutes=100, threads=1, autocast=False)
+    return T.TrainConfig(**{**base, **kw})
+
+
+def test_training_reduces_loss(big, tmp_path):
+    little = D.build_draft(big, D.DraftRecipe(n_layers=1, init="first"))
+    examples = _examples(big)
+    batch = T.pad_batch(examples, 0)
+
+    def loss():
+        with torch.no_grad():
+            logits = T.student_logits(little, batch["ids"], batch["positions"])
+            return T.topk_kd_loss(logits, batch["topv"], batch["topi"], batch["topi"][:, 0], None, 1, 1)[0].item()
+    before = loss()
+    T.train(little, big, _train_cfg(tmp_path, max_steps=15), examples=examples)
+    assert loss() < before
+    assert any(json.loads(line).get("event") == "step" for line in open(tmp_path / "log.jsonl"))
+
+
+def test_checkpoint_resume_continues(big, tmp_path):
+    examples, heldout = _examples(big), _examples(big, n=4, seed=1)
+    little = D.build_draft(big, D.DraftRecipe(n_layers=1, init="first"))
+    state = T.train(little, big, _train_cfg(tmp_path, max_steps=3), examples=examples, heldout=heldout)
+    assert state.step == 3 and (tmp_path / "ckpt.pt").exists()
+    fresh = D.build_draft(big, D.DraftRecipe(n_layers=1, init="first"))
+    state = T.train(fresh, big, _train_cfg(tmp_path, max_steps=5), examples=examples, heldout=heldout)
+    assert state.step == 5
+    starts = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"start"' in line]
+    assert [s["step"] for s in starts] == [0, 3]
