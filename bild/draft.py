@@ -84,6 +84,11 @@ class ReducedHead(nn.Module):
         self.register_buffer("sub_weight", big_head.weight.detach().index_select(0, self.kept), persistent=False)
         self.source = [big_head]   # a list so the big head is not registered as a submodule
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The big head's full (V, H) weight, so vocabulary checks see the full vocabulary."""
+        return self.source[0].weight
+
     def reduced(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.sub_weight.to(hidden.dtype).T                        # (B, T, N)
 

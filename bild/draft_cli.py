@@ -1,0 +1,282 @@
+"""Command-line front end for little-model work: `draft build|teacher|train|export|sweep` and `align`.
+
+The main CLI calls `add_commands(subparsers)`; `python -m bild.draft_cli ...` runs them standalone.
+
+    draft build   OUT                build an untrained draft from the big model and save it
+    draft teacher OUT                cache the big model's greedy outputs + top-k logits on prompts
+    draft train   RUN                train a run directory (made by `draft build --run`) on a teacher cache
+    draft export  RUN OUT            measure the best checkpoint of a run and save it as a draft directory
+    draft sweep   OUT                short runs of several recipes on one teacher cache; a table of α
+    align         RUN                BiLD prediction alignment end to end: teacher caches, build, train, export
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict
+
+import torch
+
+DEFAULT_BIG = "smollm2-135m"
+INIT_DIR = "draft_init"   # inside a run directory: the recipe (and vocab) the run trains
+
+
+def add_commands(subparsers) -> None:
+    draft = subparsers.add_parser("draft", help="build, train, export and sweep little (draft) models")
+    sub = draft.add_subparsers(dest="draft_command", required=True)
+
+    p = sub.add_parser("build", help="build an untrained draft from the big model and save it")
+    _recipe_args(p)
+    p.add_argument("out")
+    p.set_defaults(handler=cmd_build)
+
+    p = sub.add_parser("teacher", help="cache the big model's greedy outputs and top-k logits")
+    p.add_argument("out")
+    p.add_argument("--big", default=DEFAULT_BIG)
+    _teacher_args(p, "calibration")
+    p.set_defaults(handler=cmd_teacher)
+
+    p = sub.add_parser("train", help="train a run directory on a teacher cache (resumes)")
+    p.add_argument("run")
+    _train_args(p)
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("export", help="measure a run's best checkpoint and save it as a draft directory")
+    p.add_argument("run")
+    p.add_argument("out")
+    p.add_argument("--heldout-dir", required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("sweep", help="short training runs of several recipes; prints a table of α")
+    p.add_argument("out")
+    p.add_argument("--recipes", required=True,
+                   help='JSON list of {"kind", "n_layers", "init", "vocab", "lr", "w_kd", "w_ce"} objects')
+    _train_args(p, run_dir=False)
+    p.set_defaults(handler=cmd_sweep)
+
+    p = subparsers.add_parser("align", help="BiLD prediction alignment end to end (teacher caches, build, train, export)")
+    p.add_argument("run")
+    _recipe_args(p)
+    _train_args(p)
+    p.add_argument("--n-prompts", type=int, default=4000)
+    p.add_argument("--n-heldout", type=int, default=72)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--export", default=None, help="export the best checkpoint to this draft directory")
+    p.set_defaults(handler=cmd_align)
+
+
+def _recipe_args(p) -> None:
+    p.add_argument("--big", default=DEFAULT_BIG)
+    p.add_argument("--kind", choices=("shallow", "early_exit"), default="shallow")
+    p.add_argument("--layers", type=int, default=2, help="trainable layers (shallow) or shared layers (early exit)")
+    p.add_argument("--init", choices=("first", "spread"), default="spread")
+    p.add_argument("--init-layers", default="", help="explicit big layer ids, e.g. 0,29")
+    p.add_argument("--exit-init", type=int, default=-1, help="early exit: big layer initialising the exit layer")
+    p.add_argument("--vocab", type=int, default=0, help="reduced head over this many frequent tokens (0: full)")
+    p.add_argument("--vocab-from", default=None, help="teacher cache whose tokens give the frequencies")
+    p.add_argument("--run", action="store_true", help="build: OUT is a run directory (writes OUT/draft_init)")
+
+
+def _teacher_args(p, split: str) -> None:
+    p.add_argument("--split", default=split, choices=("calibration", "heldout"))
+    p.add_argument("--n-prompts", type=int, default=4000)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--top-k", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+
+
+def _train_args(p, run_dir: bool = True) -> None:
+    p.add_argument("--teacher-dir", default="runs/teacher_cal")
+    p.add_argument("--heldout-dir", default="runs/teacher_heldout")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--w-kd", type=float, default=1.0)
+    p.add_argument("--w-ce", type=float, default=1.0)
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--eval-every", type=float, default=2.0, help="minutes")
+    p.add_argument("--ckpt-every", type=float, default=5.0, help="minutes")
+    p.add_argument("--seed", type=int, default=0)
+    if not any(a.dest == "threads" for a in p._actions):
+        p.add_argument("--threads", type=int, default=2)
+    if not any(a.dest == "big" for a in p._actions):
+        p.add_argument("--big", default=DEFAULT_BIG)
+
+
+# ----------------------------------------------------------------------------------------------- handlers
+
+def _load_big(spec: str, threads: int):
+    from . import models
+    torch.set_num_threads(threads)
+    big, tokenizer = models.load(spec)
+    for p in big.parameters():
+        p.requires_grad_(False)
+    return big, tokenizer
+
+
+def _recipe(args):
+    from .draft import DraftRecipe
+    layers = [int(x) for x in args.init_layers.split(",") if x.strip()] if args.init_layers else []
+    return DraftRecipe(kind=args.kind, big=args.big, n_layers=args.layers if not layers else len(layers),
+                       init=args.init, init_layers=layers, exit_init=args.exit_init)
+
+
+def _kept_ids(big, tokenizer, vocab: int, teacher_dir: str | None):
+    from .draft import frequent_tokens
+    from .train import load_teacher_cache
+    if not vocab:
+        return None
+    if not teacher_dir:
+        raise SystemExit("--vocab needs --vocab-from (a calibration teacher cache)")
+    examples = load_teacher_cache(teacher_dir)
+    always = [i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None]
+    always += tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    return frequent_tokens((e["ids"] for e in examples), vocab, [i for i in always if isinstance(i, int)])
+
+
+def build(big, tokenizer, args, out: str, run: bool):
+    from .draft import build_draft, save_draft
+    recipe = _recipe(args)
+    draft = build_draft(big, recipe, _kept_ids(big, tokenizer, args.vocab, args.vocab_from))
+    save_draft(draft, big, recipe, os.path.join(out, INIT_DIR) if run else out)
+    return draft, recipe
+
+
+def cmd_build(args) -> None:
+    big, tokenizer = _load_big(args.big, 2)
+    _, recipe = build(big, tokenizer, args, args.out, args.run)
+    print(json.dumps(asdict(recipe)))
+
+
+def cmd_teacher(args) -> None:
+    from .train import TeacherConfig, build_teacher_cache
+    big, tokenizer = _load_big(args.big, args.threads)
+    build_teacher_cache(big, tokenizer, TeacherConfig(args.out, args.split, args.n_prompts,
+                                                      max_new_tokens=args.max_new_tokens,
+                                                      batch_size=args.batch_size, top_k=args.top_k))
+
+
+def _train_config(args, out_dir: str):
+    from .train import TrainConfig
+    return TrainConfig(out_dir=out_dir, teacher_dir=args.teacher_dir, heldout_dir=args.heldout_dir, lr=args.lr,
+                       batch_size=args.batch_size, w_kd=args.w_kd, w_ce=args.w_ce, max_minutes=args.minutes,
+                       eval_every_minutes=args.eval_every, ckpt_every_minutes=args.ckpt_every, seed=args.seed,
+                       threads=args.threads)
+
+
+def train_run(big, tokenizer, run: str, cfg):
+    from .draft import load_draft
+    from .train import load_teacher_cache, train
+    draft = load_draft(os.path.join(run, INIT_DIR), big)   # the untrained init; train() resumes any checkpoint
+    examples = load_teacher_cache(cfg.teacher_dir)
+    heldout = load_teacher_cache(cfg.heldout_dir) if cfg.heldout_dir else None
+    print(f"training {run}: {len(examples)} aligned examples, "
+          f"{sum(len(e['topv']) for e in examples)} target tokens")
+    return train(draft, big, cfg, examples=examples, heldout=heldout, pad_id=tokenizer.eos_token_id)
+
+
+def cmd_train(args) -> None:
+    big, tokenizer = _load_big(args.big, args.threads)
+    train_run(big, tokenizer, args.run, _train_config(args, args.run))
+
+
+def cmd_export(args) -> None:
+    big, tokenizer = _load_big(args.big if hasattr(args, "big") else DEFAULT_BIG, args.threads)
+    print(json.dumps(export(big, tokenizer, args.run, args.out, args.heldout_dir), indent=2))
+
+
+def export(big, tokenizer, run: str, out: str, heldout_dir: str) -> dict:
+    """Best checkpoint of a run -> draft directory with recipe metrics and metrics.json."""
+    from .draft import load_draft, parameter_counts, read_recipe, save_draft
+    from .train import agreement, load_teacher_cache, load_weights
+    draft = load_draft(os.path.join(run, INIT_DIR), big)
+    best = torch.load(os.path.join(run, "best.pt"))
+    load_weights(draft, big, best["weights"])
+    heldout = load_teacher_cache(heldout_dir)
+    metrics = {**agreement(draft, heldout, tokenizer.eos_token_id), "alpha_measured_on":
+               "top-1 agreement with the big model's greedy continuations of held-out ShareGPT prompts "
+               "(teacher-forced)", "train_state": best["state"], **parameter_counts(draft, big),
+               **decode_speed(big, draft, tokenizer)}
+    metrics["cost_ratio"] = round(metrics["draft_ms_per_token"] / metrics["big_ms_per_token"], 4)
+    recipe = read_recipe(os.path.join(run, INIT_DIR))
+    recipe.metrics = metrics
+    save_draft(draft, big, recipe, out)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics
+
+
+@torch.no_grad()
+def decode_speed(big, draft, tokenizer, n_tokens: int = 48, repeats: int = 3) -> dict:
+    """ms per token of one-token-at-a-time cached decoding in the HF path (median over repeats)."""
+    from transformers import DynamicCache
+    prompt = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about cats."}],
+                                                         add_generation_prompt=True)]).long()
+
+    def one(model) -> float:
+        cache = DynamicCache()
+        ids = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+        t = time.perf_counter()
+        for _ in range(n_tokens):
+            ids = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+        return (time.perf_counter() - t) / n_tokens * 1000
+
+    big_ms = sorted(one(big) for _ in range(repeats))[repeats // 2]
+    draft_ms = sorted(one(draft) for _ in range(repeats))[repeats // 2]
+    return {"big_ms_per_token": round(big_ms, 2), "draft_ms_per_token": round(draft_ms, 2),
+            "speed_threads": torch.get_num_threads()}
+
+
+def cmd_sweep(args) -> None:
+    """Each recipe trains for --minutes on the same teacher cache and is scored on the same held-out set."""
+    from types import SimpleNamespace
+    big, tokenizer = _load_big(args.big, args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for i, r in enumerate(json.loads(args.recipes)):
+        run = os.path.join(args.out, f"r{i}")
+        spec = SimpleNamespace(big=args.big, kind=r.get("kind", "shallow"), layers=r.get("n_layers", 2),
+                               init=r.get("init", "spread"), init_layers=r.get("init_layers", ""),
+                               exit_init=r.get("exit_init", -1), vocab=r.get("vocab", 0), vocab_from=args.teacher_dir)
+        if not os.path.exists(os.path.join(run, INIT_DIR)):
+            build(big, tokenizer, spec, run, run=True)
+        cfg = _train_config(args, run)
+        cfg.lr, cfg.w_kd, cfg.w_ce = r.get("lr", cfg.lr), r.get("w_kd", cfg.w_kd), r.get("w_ce", cfg.w_ce)
+        state = train_run(big, tokenizer, run, cfg)
+        rows.append({"recipe": r, "tokens": state.tokens, "minutes": round(state.seconds / 60, 1),
+                     "alpha": round(state.best_alpha, 4)})
+        with open(os.path.join(args.out, "sweep.jsonl"), "a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
+    for row in rows:
+        print(f"{json.dumps(row['recipe']):70s} {row['tokens']:>9d} tok {row['minutes']:>6.1f} min  α={row['alpha']:.3f}")
+
+
+def cmd_align(args) -> None:
+    """Teacher caches (skipped when present) -> draft build -> training -> optional export."""
+    from .train import TeacherConfig, build_teacher_cache
+    big, tokenizer = _load_big(args.big, args.threads)
+    for out, split, n in ((args.heldout_dir, "heldout", args.n_heldout), (args.teacher_dir, "calibration",
+                                                                          args.n_prompts)):
+        build_teacher_cache(big, tokenizer, TeacherConfig(out, split, n, max_new_tokens=args.max_new_tokens,
+                                                          batch_size=32 if split == "calibration" else 24))
+    if not os.path.exists(os.path.join(args.run, INIT_DIR)):
+        args.vocab_from = args.vocab_from or args.teacher_dir
+        build(big, tokenizer, args, args.run, run=True)
+    train_run(big, tokenizer, args.run, _train_config(args, args.run))
+    if args.export:
+        print(json.dumps(export(big, tokenizer, args.run, args.export, args.heldout_dir), indent=2))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bild.draft_cli")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    main()
