@@ -18,11 +18,11 @@ PLUGINS = ("bild.draft_cli", "bild.bench", "bild.server")
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "handler", None):
-        parser.print_help()
-        return 2
     try:
+        args = parse_with_config(parser, argv)
+        if not getattr(args, "handler", None):
+            parser.print_help()
+            return 2
         return args.handler(args) or 0
     except BildError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -54,6 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """--config FILE (JSON, as written by `bild tune`) supplies defaults; flags on the command line win."""
+    args = parser.parse_args(argv)
+    if not getattr(args, "config", None):
+        return args
+    try:
+        with open(args.config) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise BildError(f"cannot read config {args.config}: {e}") from e
+    config = config.get("generate", config)
+    unknown = sorted(set(config) - set(vars(args)))
+    if unknown:
+        raise BildError(f"config {args.config} has unknown settings: {', '.join(unknown)}")
+    args.subparser.set_defaults(**config)
+    return parser.parse_args(argv)
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--big", default="smollm2-135m", help="alias, hub id, directory or .gguf file")
     p.add_argument("--little", default=None,
@@ -74,6 +92,8 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=int, default=5)
     p.add_argument("--adaptive", action="store_true", help="speculative: adapt gamma to the acceptance history")
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    p.add_argument("--config", default=None, help="JSON file of decoding settings (e.g. from `bild tune`)")
+    p.set_defaults(subparser=p)
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict:

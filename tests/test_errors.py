@@ -100,3 +100,19 @@ def test_cli_generate_compare_on_a_tiny_model(llama_dir, capsys):
                  "--max-new-tokens", "12", "--compare"]) == 0
     out = capsys.readouterr().out
     assert "speedup speculative vs ar:" in out and "outputs identical: yes" in out
+
+
+def test_cli_config_file_supplies_defaults_and_flags_win(llama_dir, tmp_path, capsys):
+    import json
+
+    config = tmp_path / "tuned.json"
+    config.write_text(json.dumps({"policy": "speculative", "max_new_tokens": 3, "gamma": 2}))
+    assert main(["generate", "hi", "--big", llama_dir, "--config", str(config), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["stats"]["policy"] == "speculative" and len(report["token_ids"]) == 3
+    assert main(["generate", "hi", "--big", llama_dir, "--config", str(config), "--json",
+                 "--max-new-tokens", "5"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 5
+    config.write_text(json.dumps({"fallbak": 0.5}))
+    assert main(["generate", "hi", "--big", llama_dir, "--config", str(config)]) == 2
+    assert "unknown settings: fallbak" in capsys.readouterr().err
