@@ -1,0 +1,54 @@
+"""`bild serve`: an OpenAI-compatible HTTP server. Cheap to import: the CLI loads it on every call.
+
+    bild serve --big smollm2-135m --port 8000 --queue-size 16
+    curl localhost:8000/v1/completions -d '{"model": "smollm2-135m", "prompt": "Hello", "max_tokens": 32}'
+
+The app itself (FastAPI, uvicorn, prometheus-client) is imported only when the server starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+
+def add_commands(sub) -> None:
+    from ..cli import add_decoding_args, add_model_args
+
+    p = sub.add_parser("serve", help="serve a big–little pair over an OpenAI-compatible HTTP API",
+                       description="Serve the OpenAI completions and chat completions API. The decoding flags "
+                                   "are defaults; each request may override them.")
+    add_model_args(p)
+    add_decoding_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--queue-size", type=int, default=16,
+                   help="requests that may wait while one generates; more get HTTP 429 (default 16)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the --big name)")
+    p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    p.set_defaults(handler=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..cli import decoding_kwargs, load_pair
+    from .app import ServerConfig, create_app
+
+    name = args.model_name or os.path.basename(args.big.rstrip("/")).removesuffix(".gguf")
+    config = ServerConfig(model_name=name, queue_size=args.queue_size, defaults=decoding_kwargs(args))
+    pair = load_pair(args)
+    print(f"serving {name!r} on http://{args.host}:{args.port}", file=sys.stderr)
+    # uvicorn drains on SIGTERM, then re-raises the signal; after a clean drain, exit with status 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    run(create_app(pair, config), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def run(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", sock=None) -> None:
+    """Serve until SIGINT or SIGTERM; in-flight and queued requests finish first (graceful shutdown)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=None))
+    server.run(sockets=[sock] if sock else None)

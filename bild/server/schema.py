@@ -1,0 +1,172 @@
+"""OpenAI request bodies (validated by pydantic) and the response bodies and stream chunks built from results."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..api import GenerationResult
+from ..config import GenerationConfig
+
+MIN_TEMPERATURE = 1e-4  # softmax(logits / τ) overflows float32 for τ near 1e-37; far below any useful value
+UNSUPPORTED = ("echo", "suffix", "logprobs", "top_logprobs", "best_of", "logit_bias", "tools", "functions")
+# request field -> GenerationConfig field, for the settings a request may override
+OVERRIDES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed", "stop": "stop",
+             "policy": "policy", "fallback": "fallback", "rollback": "rollback", "gamma": "gamma",
+             "max_little": "max_little", "adaptive": "adaptive"}
+
+
+class ApiError(Exception):
+    """An error answer (4xx, or 500 for one failed generation), in OpenAI's error format."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 type: str = "invalid_request_error", code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.type, self.code = message, param, status, type, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """Fields shared by both endpoints; the bild fields (policy ... adaptive) are extensions."""
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)
+    stop: str | list[str] | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    policy: str | None = None
+    fallback: float | None = Field(None, allow_inf_nan=False)
+    rollback: float | None = None  # Infinity disables rollback
+    gamma: int | None = None
+    max_little: int | None = None
+    adaptive: bool | None = None
+
+    def settings(self, defaults: dict) -> dict:
+        """GenerationConfig keyword arguments: the server's defaults, overridden by this request."""
+        self._check_supported()
+        given = {OVERRIDES[k]: v for k in OVERRIDES if (v := getattr(self, k)) is not None}
+        if self.max_length() is not None:
+            given["max_new_tokens"] = self.max_length()
+        settings = {**defaults, **given}
+        GenerationConfig(**settings)  # BildError names the field
+        return settings
+
+    def max_length(self) -> int | None:
+        return self.max_tokens
+
+    def _check_supported(self) -> None:
+        if self.n not in (None, 1):
+            raise ApiError(f"n={self.n} is not supported: this server returns one choice per request", "n")
+        if self.temperature and self.temperature < MIN_TEMPERATURE:
+            raise ApiError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}", "temperature")
+        for name in UNSUPPORTED:
+            if (self.model_extra or {}).get(name):
+                raise ApiError(f"{name} is not supported by this server", name)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[int] | list[str]
+
+    def prompt_input(self) -> str | list[int]:
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
+            if len(self.prompt) > 1:
+                raise ApiError("batched prompts are not supported: send one prompt per request", "prompt")
+            return self.prompt[0]
+        return self.prompt
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def as_dict(self) -> dict:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def prompt_input(self) -> list[dict]:
+        return [m.as_dict() for m in self.messages]
+
+    def max_length(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+@dataclass(slots=True)
+class Reply:
+    """Builds one response's bodies and stream chunks; `chat` picks the chat-completion shapes."""
+    model: str
+    chat: bool
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self):
+        self.id = self.id or f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+    def body(self, result: GenerationResult) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": result.text}}
+        else:
+            choice = {"index": 0, "text": result.text, "logprobs": None}
+        choice["finish_reason"] = result.finish_reason
+        return {**self._head(stream=False), "choices": [choice], "usage": usage(result),
+                "bild": result.stats.to_dict()}
+
+    def chunk(self, text: str | None = None, finish_reason: str | None = None) -> dict:
+        """A piece of text (chat: a delta; the first chat chunk carries the role with text=None)."""
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if text is None and not finish_reason else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None}
+        choice["finish_reason"] = finish_reason
+        return {**self._head(stream=True), "choices": [choice]}
+
+    def last_chunk(self, result: GenerationResult) -> dict:
+        return {**self.chunk(finish_reason=result.finish_reason), "bild": result.stats.to_dict()}
+
+    def usage_chunk(self, result: GenerationResult) -> dict:
+        return {**self._head(stream=True), "choices": [], "usage": usage(result)}
+
+    def _head(self, stream: bool) -> dict:
+        kind = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+
+def usage(result: GenerationResult) -> dict:
+    s = result.stats
+    return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.new_tokens,
+            "total_tokens": s.prompt_tokens + s.new_tokens}
