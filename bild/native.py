@@ -19,6 +19,7 @@ from torch import Tensor
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 DYNAMIC_ROPE = ("dynamic", "longrope")  # inverse frequencies that change with the sequence length
+PACK_BATCH_HINT = 9  # oneDNN picks blocking for this many rows; fits both 1-token steps and 1 + 8 drafts
 
 
 @dataclass(slots=True, frozen=True)
@@ -119,8 +120,9 @@ def resolve_dtype(dtype: torch.dtype | None) -> torch.dtype:
     return dtype
 
 
-def from_hf(hf_model, dtype: torch.dtype | None = None) -> NativeModel:
-    """Copy-free where dtypes match: weights are referenced, fused and converted tensors are new."""
+def from_hf(hf_model, dtype: torch.dtype | None = None, pack: bool | None = None) -> NativeModel:
+    """Copy-free where dtypes match: weights are referenced, fused and converted tensors are new.
+    pack (default: in bf16) pre-reorders matmul weights into oneDNN's blocked layout, see pack_weights."""
     if not supports(hf_model):
         raise ValueError(f"native forward does not handle {type(hf_model).__name__}")
     dtype = resolve_dtype(dtype)
@@ -139,7 +141,7 @@ def from_hf(hf_model, dtype: torch.dtype | None = None) -> NativeModel:
     layers = [_layer(block, config, dtype) for block in inner.layers]
     model = NativeModel(config, embed, layers, _weight(inner.norm.weight, dtype), head, cos, sin)
     _check_shapes(model)
-    return model
+    return pack_weights(model) if (dtype == torch.bfloat16 if pack is None else pack) else model
 
 
 def _context_length(cfg) -> int:
@@ -196,6 +198,17 @@ def _check_shapes(model: NativeModel) -> None:
         raise ValueError(f"embed {tuple(model.embed.shape)} / head {tuple(model.head.shape)} do not fit dim {c.dim}")
 
 
+def pack_weights(model: NativeModel, batch_hint: int = PACK_BATCH_HINT) -> NativeModel:
+    """Every matmul weight reordered once into oneDNN's blocked layout (what inductor's freezing does).
+    Plain bf16 F.linear re-derives that layout on each call; packed, a decode step is ~1.5x faster here.
+    Results are bitwise those of F.linear in bf16. Norms, embedding and biases stay plain tensors."""
+    def packed(w: Tensor) -> Tensor:
+        return w if w.is_mkldnn else torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
+    layers = [dataclasses.replace(layer, wqkv=packed(layer.wqkv), wo=packed(layer.wo), w13=packed(layer.w13),
+                                  w2=packed(layer.w2)) for layer in model.layers]
+    return dataclasses.replace(model, layers=layers, head=packed(model.head))
+
+
 def rope_tables(inv_freq: Tensor, scaling: float, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos and sign-folded sin for positions 0..length-1, computed in fp32 as HF does, then cast."""
     freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq.float())  # (S, D/2)
@@ -217,7 +230,7 @@ def early_exit(model: NativeModel, n_layers: int) -> NativeModel:
 def quantize_head(model: NativeModel) -> NativeModel:
     """Weight-only int8 head (per-row symmetric scales): a third of the bf16 head's time for one token.
     Lossy, so meant for drafters (the early exit), whose logits only steer proposals; shares everything else."""
-    w = model.head.float()
+    w = (model.head.to_dense() if model.head.is_mkldnn else model.head).float()  # (V, dim)
     scales = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)  # (V,)
     rows = torch.round(w / scales.unsqueeze(1)).to(torch.int8)  # (V, dim)
     return dataclasses.replace(model, head_int8=(rows, scales.to(model.dtype)))
@@ -231,6 +244,12 @@ def allocate_cache(config: NativeConfig, max_length: int, dtype: torch.dtype) ->
 
 
 # ---------------------------------------------------------------- forward
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    if w.is_mkldnn:  # a packed weight, see pack_weights
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return F.linear(x, w, b)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -254,19 +273,19 @@ def attention(layer: Layer, x: Tensor, k_cache: Tensor, v_cache: Tensor, start: 
     At T = 1 this is also a mask-free SDPA, several times faster on CPU than enable_gqa."""
     T, H, Hkv, D = x.shape[0], c.n_heads, c.n_kv_heads, c.head_dim
     G, end = H // Hkv, start + T
-    qkv = F.linear(x, layer.wqkv, layer.bqkv).view(T, H + 2 * Hkv, D)  # (T, H + 2 H_kv, D)
+    qkv = linear(x, layer.wqkv, layer.bqkv).view(T, H + 2 * Hkv, D)  # (T, H + 2 H_kv, D)
     qk = apply_rope(qkv[:, :H + Hkv], *rope)  # (T, H + H_kv, D)
     k_cache[0, :, start:end] = qk[:, H:].transpose(0, 1)  # (H_kv, T, D)
     v_cache[0, :, start:end] = qkv[:, H + Hkv:].transpose(0, 1)  # (H_kv, T, D)
     q = qk[:, :H].reshape(T, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * T, D)  # (1, H_kv, G * T, D)
     y = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask)
     y = y.view(Hkv, G, T, D).permute(2, 0, 1, 3).reshape(T, H * D)  # (T, H * D), head h = kv * G + g
-    return F.linear(y, layer.wo, layer.bo)  # (T, dim)
+    return linear(y, layer.wo, layer.bo)  # (T, dim)
 
 
 def mlp(layer: Layer, x: Tensor, c: NativeConfig) -> Tensor:
-    gate_up = F.linear(x, layer.w13, layer.b13).view(x.shape[0], 2, c.ffn_dim)  # (T, 2, F)
-    return F.linear(F.silu(gate_up[:, 0]) * gate_up[:, 1], layer.w2, layer.b2)  # (T, dim)
+    gate_up = linear(x, layer.w13, layer.b13).view(x.shape[0], 2, c.ffn_dim)  # (T, 2, F)
+    return linear(F.silu(gate_up[:, 0]) * gate_up[:, 1], layer.w2, layer.b2)  # (T, dim)
 
 
 @torch.inference_mode()
@@ -284,7 +303,7 @@ def forward(model: NativeModel, cache: KVCache, ids: Tensor, start: int, keep: i
     x = rms_norm(x[T - keep:], model.norm, c.norm_eps)  # (keep, dim): the head only where logits are kept
     if model.head_int8 is not None:
         return torch._weight_int8pack_mm(x, *model.head_int8).float()  # (keep, V)
-    return F.linear(x, model.head).float()  # (keep, V)
+    return linear(x, model.head).float()  # (keep, V)
 
 
 # ---------------------------------------------------------------- runner
@@ -302,8 +321,9 @@ class NativeRunner:
         self.length = 0
 
     @classmethod
-    def from_hf(cls, hf_model, dtype: torch.dtype | None = torch.bfloat16, max_length: int | None = None):
-        return cls(from_hf(hf_model, dtype), max_length)
+    def from_hf(cls, hf_model, dtype: torch.dtype | None = torch.bfloat16, max_length: int | None = None,
+                pack: bool | None = None):
+        return cls(from_hf(hf_model, dtype, pack), max_length)
 
     def early_exit(self, n_layers: int, int8_head: bool = False) -> NativeRunner:
         """A runner over the first n_layers + final norm + head, sharing weights, with its own cache.
