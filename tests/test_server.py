@@ -29,14 +29,15 @@ CHAT = [{"role": "user", "content": "Hi there"}]
 
 
 class Controlled:
-    """A BigLittle whose worker can be held at a gate, slowed per text piece, or made to fail."""
+    """A BigLittle whose worker can be held at a gate, slowed per text piece, or made to fail mid-stream."""
 
     def __init__(self, pair: BigLittle):
         self.pair = pair
         self.gate, self.entered = threading.Event(), threading.Event()
         self.gate.set()
         self.delay = 0.0
-        self.fail: Exception | None = None
+        self.fail: Exception | None = None  # raised after `fail_after` text pieces
+        self.fail_after = 0
         self.closed: list[int] = []  # pieces seen by each stream that was closed early
 
     def encode(self, prompt):
@@ -45,8 +46,6 @@ class Controlled:
     def stream(self, prompt, **kwargs):
         self.entered.set()
         self.gate.wait(30)
-        if self.fail:
-            raise self.fail
         return _SlowStream(self.pair.stream(prompt, **kwargs), self)
 
 
@@ -56,6 +55,8 @@ class _SlowStream:
 
     def __iter__(self):
         for piece in self.stream:
+            if self.owner.fail and self.pieces >= self.owner.fail_after:
+                raise self.owner.fail
             time.sleep(self.owner.delay)
             self.pieces += 1
             yield piece
@@ -120,7 +121,7 @@ def server(controlled):
 def api(server, controlled):
     yield client(server)
     controlled.gate.set()
-    controlled.delay, controlled.fail = 0.0, None
+    controlled.delay, controlled.fail, controlled.fail_after = 0.0, None, 0
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -216,9 +217,11 @@ def test_bad_requests_get_openai_errors(api, kwargs, status, param):
 
 
 def test_bad_chat_messages(api):
-    for messages in ([], [{"role": "user"}], [{"role": "wizard", "content": "x"}], [{"role": "user", "content": ""}]):
-        with pytest.raises(openai.BadRequestError):
+    for messages in ([], [{"role": "user"}], [{"role": "wizard", "content": "x"}], [{"role": "user", "content": ""}],
+                     [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]):
+        with pytest.raises(openai.BadRequestError) as info:
             api.chat.completions.create(model=MODEL, messages=messages)
+        assert info.value.body["param"] == "messages"
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'"prompt"', b'{"prompt": 5}', b'{"prompt": "a",}',
@@ -243,8 +246,13 @@ def test_a_failing_generation_is_a_500_for_that_request_only(api, controlled):
     with pytest.raises(openai.InternalServerError) as info:
         api.completions.create(model=MODEL, prompt="Hi", max_tokens=4)
     assert info.value.body["type"] == "server_error"
-    with pytest.raises(openai.APIError):  # mid-stream failures arrive as an error event
-        list(api.completions.create(model=MODEL, prompt="Hi", max_tokens=4, stream=True))
+    controlled.fail_after = 2  # a stream has started: the failure arrives as an error event after the text
+    received = []
+    with pytest.raises(openai.APIError, match="generation failed"):
+        for chunk in api.completions.create(model=MODEL, prompt="Hi", max_tokens=30, stream=True,
+                                            extra_body={"policy": "ar"}):
+            received.append(chunk.choices[0].text)
+    assert len(received) == 2
     controlled.fail = None
     assert api.completions.create(model=MODEL, prompt="Hi", max_tokens=4).choices[0].text
 

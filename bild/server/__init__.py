@@ -27,6 +27,8 @@ def add_commands(sub) -> None:
     p.add_argument("--queue-size", type=int, default=16,
                    help="requests that may wait while one generates; more get HTTP 429 (default 16)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the --big name)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for generation (default: torch's choice; 1 is best on a shared CPU)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     p.set_defaults(handler=cmd_serve)
 
@@ -37,6 +39,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     name = args.model_name or os.path.basename(args.big.rstrip("/")).removesuffix(".gguf")
     config = ServerConfig(model_name=name, queue_size=args.queue_size, defaults=decoding_kwargs(args))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     pair = load_pair(args)
     print(f"serving {name!r} on http://{args.host}:{args.port}", file=sys.stderr)
     # uvicorn drains on SIGTERM, then re-raises the signal; after a clean drain, exit with status 0

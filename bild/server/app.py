@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -50,6 +51,7 @@ def create_app(pair, config: ServerConfig | None = None) -> FastAPI:
     monitor = Monitor()
     worker = Worker(pair, config.queue_size, monitor)
     monitor.watch(worker)
+    started = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -72,7 +74,7 @@ def create_app(pair, config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        card = {"id": config.model_name, "object": "model", "created": 0, "owned_by": "bild"}
+        card = {"id": config.model_name, "object": "model", "created": started, "owned_by": "bild"}
         return {"object": "list", "data": [card]}
 
     @app.get("/health")
@@ -97,12 +99,12 @@ async def _answer(app: FastAPI, req: Sampling, prompt, reply: Reply, request: Re
     _submit(worker, job, config)
     streaming = False
     try:
-        _raise_if_error(await _next_event(events, request))  # ("start", n): the prompt was accepted
+        _raise_if_error(await _next_event(events, request), reply.chat)  # ("start", n): the prompt is accepted
         if req.stream:
             streaming = True  # from here the stream owns the job
             return StreamingResponse(_sse(job, events, reply, req.include_usage), media_type="text/event-stream")
         while (event := await _next_event(events, request))[0] != "done":
-            _raise_if_error(event)
+            _raise_if_error(event, reply.chat)
         return JSONResponse(reply.body(event[1]))
     except ClientGone:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
@@ -147,13 +149,14 @@ async def _next_event(events: asyncio.Queue, request: Request) -> tuple:
         getter.cancel()
 
 
-def _raise_if_error(event: tuple) -> None:
+def _raise_if_error(event: tuple, chat: bool) -> None:
     if event[0] != "error":
         return
     e = event[1]
     if is_bad_input(e):
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ApiError(message, _param_of(message))
+        param = _param_of(message)
+        raise ApiError(message, "messages" if chat and param == "prompt" else param)
     log.error("generation failed", exc_info=e)
     raise ApiError(f"generation failed: {type(e).__name__}", status=500, type="server_error",
                    code="generation_failed")
@@ -163,12 +166,12 @@ async def _sse(job: Job, events: asyncio.Queue, reply: Reply, include_usage: boo
     """Server-sent events in OpenAI's chunk format; leaving early (a disconnect) cancels the generation."""
     try:
         if reply.chat:
-            yield _data(reply.chunk())
+            yield _data(reply.role_chunk())
         while (event := await events.get())[0] == "text":
             yield _data(reply.chunk(event[1]))
         if event[0] == "error":
             try:
-                _raise_if_error(event)
+                _raise_if_error(event, reply.chat)
             except ApiError as e:
                 yield _data(e.body())
             return

@@ -143,23 +143,24 @@ class Reply:
         return {**self._head(stream=False), "choices": [choice], "usage": usage(result),
                 "bild": result.stats.to_dict()}
 
-    def chunk(self, text: str | None = None, finish_reason: str | None = None) -> dict:
-        """A piece of text (chat: a delta; the first chat chunk carries the role with text=None)."""
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if text is None and not finish_reason else {}
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None}
-        choice["finish_reason"] = finish_reason
-        return {**self._head(stream=True), "choices": [choice]}
+    def role_chunk(self) -> dict:
+        """A chat stream's first chunk: the assistant's role, no text yet."""
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def chunk(self, text: str) -> dict:
+        return self._chunk({"content": text} if self.chat else {"text": text})
 
     def last_chunk(self, result: GenerationResult) -> dict:
-        return {**self.chunk(finish_reason=result.finish_reason), "bild": result.stats.to_dict()}
+        """Carries the finish reason and, as an extension, the decoding statistics."""
+        last = self._chunk({} if self.chat else {"text": ""}, result.finish_reason)
+        return {**last, "bild": result.stats.to_dict()}
 
     def usage_chunk(self, result: GenerationResult) -> dict:
         return {**self._head(stream=True), "choices": [], "usage": usage(result)}
+
+    def _chunk(self, content: dict, finish_reason: str | None = None) -> dict:
+        choice = {"index": 0, "delta": content} if self.chat else {"index": 0, **content, "logprobs": None}
+        return {**self._head(stream=True), "choices": [{**choice, "finish_reason": finish_reason}]}
 
     def _head(self, stream: bool) -> dict:
         kind = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
