@@ -28,19 +28,25 @@ class GenerationResult:
 class BigLittle:
     """A big model, a little model and their shared tokenizer, decoded together."""
 
-    def __init__(self, big, little, tokenizer, little_description: str = "user-supplied model"):
+    def __init__(self, big, little, tokenizer, little_description: str = "user-supplied model", engine: str = "auto"):
+        """engine: "native" (LLaMA-family CPU forward), "hf" (transformers), or "auto" (native where it applies).
+        The native engine runs in the HF models' dtype."""
         models.check_pair(big, little)
         self.big, self.little, self.tokenizer = big, little, tokenizer
         self.little_description = little_description
-        self.big_runner, self.little_runner = make_runner(big), make_runner(little)
+        self.big_runner = make_runner(big, engine)
+        self.little_runner = make_runner(little, engine, share_with=self.big_runner)
+        self.engine = type(self.big_runner).__name__
         self.eos_ids = _eos_ids(big, tokenizer)
 
     @classmethod
-    def load(cls, big: str = "smollm2-135m", little: str | None = None, dtype=None, device=None) -> BigLittle:
-        """Load by alias, hub id, directory or .gguf file; little=None is an early exit of big (untrained)."""
-        big_model, tokenizer = models.load(big, dtype=dtype, device=device)
-        little_model = models.load_little(little, big_model, dtype=dtype, device=device)
-        return cls(big_model, little_model, tokenizer, models.describe_little(little))
+    def load(cls, big: str = "smollm2-135m", little: str | None = None, dtype=None, device=None,
+             engine: str = "auto") -> BigLittle:
+        """Load by alias, hub id, directory or .gguf file; little=None is the big model's default little model.
+        dtype=None: bf16 where the CPU computes it natively and the native engine applies, else fp32."""
+        big_model, tokenizer = models.load(big, dtype=dtype, device=device, engine=engine)
+        little_model = models.load_little(little, big_model, dtype=big_model.dtype, device=device)
+        return cls(big_model, little_model, tokenizer, models.describe_little(little), engine=engine)
 
     def generate(self, prompt, **kwargs) -> GenerationResult:
         """Generate from a string, a list of token ids or a list of chat messages. See GenerationConfig."""

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
+from .errors import BildError
+
 
 class HFRunner:
     """A Hugging Face decoder-only model with a DynamicCache; rollback crops it in place."""
@@ -73,5 +75,30 @@ def context_length(model) -> int:
     return 512 if cfg.is_encoder_decoder else 2048
 
 
-def make_runner(model):
-    return HFSeq2SeqRunner(model) if model.config.is_encoder_decoder else HFRunner(model)
+ENGINES = ("auto", "hf", "native")
+
+
+def make_runner(model, engine: str = "auto", share_with=None):
+    """A runner for `model`: the native LLaMA-family forward (bild/native.py) where it applies, else HF.
+
+    share_with: the big model's native runner, when `model` is an early exit of it; the exit then shares its
+    weights instead of converting them again.
+    """
+    from . import native
+
+    if engine not in ENGINES:
+        raise BildError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "hf" or (engine == "auto" and not native.supports(model)):
+        return HFSeq2SeqRunner(model) if model.config.is_encoder_decoder else HFRunner(model)
+    if not native.supports(model):
+        raise BildError(f"the native engine does not handle {type(model).__name__}; use --engine hf")
+    exit_of = getattr(model, "bild_early_exit_of", None)
+    if share_with is not None and exit_of and exit_of[0] == id(share_with.source):
+        return share_with.early_exit(exit_of[1])
+    runner = native.NativeRunner.from_hf(model, dtype=model_dtype(model))
+    runner.source = model
+    return runner
+
+
+def model_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype

@@ -76,7 +76,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--big", default="smollm2-135m", help="alias, hub id, directory or .gguf file")
     p.add_argument("--little", default=None,
                    help="little model: directory, .gguf, hub id or early-exit:K (default: the big model's default)")
-    p.add_argument("--dtype", default=None, help="fp32 (default) or bf16")
+    p.add_argument("--dtype", default=None,
+                   help="fp32 or bf16 (default: bf16 on the native engine where the CPU has bf16, else fp32)")
+    p.add_argument("--engine", default="auto", choices=["auto", "hf", "native"],
+                   help="native: lean LLaMA-family CPU forward; hf: transformers; auto (default): native where it applies")
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -106,8 +109,8 @@ def decoding_kwargs(args: argparse.Namespace) -> dict:
 def load_pair(args: argparse.Namespace):
     from .api import BigLittle
 
-    bl = BigLittle.load(big=args.big, little=args.little, dtype=args.dtype)
-    print(f"little model: {bl.little_description}", file=sys.stderr)
+    bl = BigLittle.load(big=args.big, little=args.little, dtype=args.dtype, engine=args.engine)
+    print(f"little model: {bl.little_description}; engine: {bl.engine}, {bl.big.dtype}", file=sys.stderr)
     return bl
 
 

@@ -51,8 +51,10 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1
 
 
-def load(spec: str, dtype=None, device=None):
-    """Load (model, tokenizer) from an alias, hub id, directory or .gguf file."""
+def load(spec: str, dtype=None, device=None, engine: str = "hf"):
+    """Load (model, tokenizer) from an alias, hub id, directory or .gguf file.
+
+    dtype=None means fp32, except bf16 where the native engine will run it on a CPU with native bf16."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     where, gguf = resolve(spec)
@@ -62,7 +64,8 @@ def load(spec: str, dtype=None, device=None):
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = auto.from_pretrained(where, dtype=parse_dtype(dtype), **kwargs)
+        dtype = parse_dtype(dtype) if dtype is not None else default_dtype(config, engine)
+        model = auto.from_pretrained(where, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     except BildError:
         raise
@@ -70,6 +73,14 @@ def load(spec: str, dtype=None, device=None):
         raise BildError(f"could not load model {spec!r}: {_first_line(e)}") from e
     model.eval()
     return (model.to(device) if device else model), tokenizer
+
+
+def default_dtype(config, engine: str) -> torch.dtype:
+    from . import native
+
+    if engine != "hf" and config.model_type in native.SUPPORTED_TYPES and native.bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 def _converted(directory: str, gguf: str) -> tuple[str, str | None]:
@@ -123,6 +134,7 @@ def early_exit(big: nn.Module, n_layers: int) -> nn.Module:
         if getattr(module, "config", None) is big.config:
             module.config = cfg
     little.config = cfg
+    little.bild_early_exit_of = (id(big), n_layers)  # lets the native engine share the big model's runner
     return little
 
 

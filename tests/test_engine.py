@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bild import BigLittle
+from bild import BigLittle, BildError
 from bild.cache import make_runner
 from bild.models import early_exit
 from conftest import tiny_llama, tiny_t5
@@ -13,26 +13,27 @@ from conftest import tiny_llama, tiny_t5
 POLICIES = ["ar", "speculative", "bild"]
 
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_t5])
-def test_rollback_then_continue_matches_fresh_forward(make):
+@pytest.mark.parametrize("make,engine", [(tiny_llama, "hf"), (tiny_llama, "native"), (tiny_t5, "hf")])
+def test_rollback_then_continue_matches_fresh_forward(make, engine):
     model = make(0)
     tokens = [1, 10, 20, 30, 40, 50, 60, 70]
-    runner = make_runner(model)
+    runner = make_runner(model, engine)
     seq = runner.start([1, 5, 6])
     full = seq + tokens
     runner.forward(full[:4], keep=1)
     runner.forward(full[4:], keep=1)       # cache everything
     runner.crop(6)                          # roll back the last tokens
     rolled = runner.forward([90, 91, 92], keep=3)
-    fresh_runner = make_runner(model)
+    fresh_runner = make_runner(model, engine)
     fresh_runner.start([1, 5, 6])
     fresh = fresh_runner.forward(full[:6] + [90, 91, 92], keep=3)
     assert runner.length == 9
     torch.testing.assert_close(rolled, fresh, atol=1e-5, rtol=1e-4)
 
 
-def test_crop_never_grows():
-    runner = make_runner(tiny_llama(0))
+@pytest.mark.parametrize("engine", ["hf", "native"])
+def test_crop_never_grows(engine):
+    runner = make_runner(tiny_llama(0), engine)
     runner.start([1, 2, 3])
     runner.forward([1, 2, 3])
     runner.crop(10)
@@ -56,6 +57,24 @@ def test_early_exit_shares_weights_and_equals_truncated_model(make, n):
     ids = [1, 5, 6] if not big.config.is_encoder_decoder else [0, 7, 8]
     torch.testing.assert_close(a.forward(ids, keep=3), b.forward(ids, keep=3))
     assert len(big.model.layers if hasattr(big, "model") else big.decoder.block) == 3  # big is untouched
+
+
+def test_native_early_exit_shares_the_big_runners_weights(tok):
+    big = tiny_llama(0, layers=3)
+    bl = BigLittle(big, early_exit(big, 1), tok, engine="native")
+    assert bl.little_runner.model.layers[0] is bl.big_runner.model.layers[0]
+    assert bl.little_runner.model.embed is bl.big_runner.model.embed
+    assert bl.little_runner.model.config.n_layers == 1
+
+
+def test_engines_agree_and_unknown_engine_is_an_error(llama_pair, tok):
+    hf = BigLittle(*llama_pair, tok, engine="hf").generate([1, 7, 8], policy="speculative", max_new_tokens=20)
+    nat = BigLittle(*llama_pair, tok, engine="native").generate([1, 7, 8], policy="speculative", max_new_tokens=20)
+    assert hf.token_ids == nat.token_ids
+    with pytest.raises(BildError, match="unknown engine 'fast'"):
+        BigLittle(*llama_pair, tok, engine="fast")
+    with pytest.raises(BildError, match="native engine does not handle T5ForConditionalGeneration"):
+        BigLittle(tiny_t5(0), tiny_t5(1), tok, engine="native")
 
 
 @pytest.fixture(scope="module")

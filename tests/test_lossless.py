@@ -19,10 +19,11 @@ def random_prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [[1] + [rng.randrange(3, 96) for _ in range(rng.randrange(1, 12))] for _ in range(n)]
 
 
-@pytest.fixture(scope="module", params=["llama", "t5"])
+@pytest.fixture(scope="module", params=["llama-hf", "llama-native", "t5-hf"])
 def pair(request, llama_pair, t5_pair, tok):
-    big, little = llama_pair if request.param == "llama" else t5_pair
-    return BigLittle(big, little, tok)
+    arch, engine = request.param.split("-")
+    big, little = llama_pair if arch == "llama" else t5_pair
+    return BigLittle(big, little, tok, engine=engine)
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +65,11 @@ def test_bild_without_rollback_keeps_every_little_token(pair):
     assert res.stats.accepted == [10, 10]
 
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_t5])
+@pytest.mark.parametrize("make,engine", [(tiny_llama, "hf"), (tiny_llama, "native"), (tiny_t5, "hf")])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_self_draft_accepts_every_draft(make, temperature, tok):
+def test_self_draft_accepts_every_draft(make, engine, temperature, tok):
     big = make(0)
-    bl = BigLittle(big, big, tok)
+    bl = BigLittle(big, big, tok, engine=engine)
     for prompt in random_prompts(5):
         res = bl.generate(prompt, policy="speculative", gamma=4, fallback=0.0, temperature=temperature,
                           seed=1, max_new_tokens=20)
@@ -120,13 +121,13 @@ def assert_matches(counts: torch.Tensor, expected: torch.Tensor) -> None:
     assert 0.5 * (counts / n - expected).abs().sum() < 0.04  # total variation
 
 
-@pytest.mark.parametrize("policy,extra", [("speculative", dict(gamma=2, fallback=0.0)),
-                                          ("speculative", dict(gamma=3, fallback=0.5)),
-                                          ("bild", dict(rollback=0.0, fallback=0.0))])
-def test_sampling_matches_big_distribution(small_pair, tok, policy, extra):
+@pytest.mark.parametrize("policy,extra,engine", [("speculative", dict(gamma=2, fallback=0.0), "hf"),
+                                                 ("speculative", dict(gamma=3, fallback=0.5), "native"),
+                                                 ("bild", dict(rollback=0.0, fallback=0.0), "native")])
+def test_sampling_matches_big_distribution(small_pair, tok, policy, extra, engine):
     """Catches q taken from raw logits (transformers #47932): temperature, top-k and top-p reshape q here."""
     big, little = small_pair
-    bl = BigLittle(big, little, tok)
+    bl = BigLittle(big, little, tok, engine=engine)
     bl.eos_ids = set()  # token 2 is an ordinary token in this 8-token vocabulary
     prompt = [1, 4, 5]
     samples = [tuple(bl.generate(prompt, policy=policy, max_new_tokens=2, seed=s, **SAMPLING, **extra).token_ids)
