@@ -103,12 +103,14 @@ def main():
     context = [(7 * i) % 5000 + 100 for i in range(args.context)]
     bf16 = NativeRunner.from_hf(hf, dtype=torch.bfloat16, max_length=args.context + 32)
     fp32 = NativeRunner.from_hf(hf, dtype=torch.float32, max_length=args.context + 32)
+    unpacked = NativeRunner.from_hf(hf, dtype=torch.bfloat16, max_length=args.context + 32, pack=False)
     steps = {"HF eager fp32 k=1": stepper(HFRunner(hf), context, 1),
              "native fp32 k=1": stepper(fp32, context, 1),
-             "early exit (2 layers) bf16 k=1": stepper(bf16.early_exit(2), context, 1),
-             "early exit (2 layers) bf16, int8 head, k=1": stepper(bf16.early_exit(2, int8_head=True), context, 1)}
+             "early exit (2 layers) bf16 k=1": stepper(bf16.early_exit(2), context, 1)}
     for k in KS:
         steps[f"native bf16 k={k}"] = stepper(bf16, context, k)
+    for k in (1, 9):
+        steps[f"native bf16 unpacked weights k={k}"] = stepper(unpacked, context, k)
     for k in (9, 16):
         steps[f"native fp32 k={k}"] = stepper(fp32, context, k)
     for threads in {1, 2} - {torch.get_num_threads()}:

@@ -65,7 +65,6 @@ class NativeModel:
     head: Tensor  # (V, dim); the same tensor as embed when tied
     cos: Tensor  # (max_length, D)
     sin: Tensor  # (max_length, D), first half negated so that rotate_half(x) * sin == roll(x) * sin
-    head_int8: tuple[Tensor, Tensor] | None = None  # optional (V, dim) int8 rows and (V,) scales; drafters only
 
     @property
     def dtype(self) -> torch.dtype:
@@ -227,15 +226,6 @@ def early_exit(model: NativeModel, n_layers: int) -> NativeModel:
     return dataclasses.replace(model, config=config, layers=model.layers[:n_layers])
 
 
-def quantize_head(model: NativeModel) -> NativeModel:
-    """Weight-only int8 head (per-row symmetric scales): a third of the bf16 head's time for one token.
-    Lossy, so meant for drafters (the early exit), whose logits only steer proposals; shares everything else."""
-    w = (model.head.to_dense() if model.head.is_mkldnn else model.head).float()  # (V, dim)
-    scales = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)  # (V,)
-    rows = torch.round(w / scales.unsqueeze(1)).to(torch.int8)  # (V, dim)
-    return dataclasses.replace(model, head_int8=(rows, scales.to(model.dtype)))
-
-
 def allocate_cache(config: NativeConfig, max_length: int, dtype: torch.dtype) -> KVCache:
     """Uninitialised on purpose: nothing past the valid prefix is ever read, and untouched pages cost nothing."""
     shape = (1, config.n_kv_heads, max_length, config.head_dim)  # (B, H_kv, S, D)
@@ -301,8 +291,6 @@ def forward(model: NativeModel, cache: KVCache, ids: Tensor, start: int, keep: i
         x = x + attention(layer, rms_norm(x, layer.attn_norm, c.norm_eps), k_cache, v_cache, start, rope, mask, c)
         x = x + mlp(layer, rms_norm(x, layer.mlp_norm, c.norm_eps), c)
     x = rms_norm(x[T - keep:], model.norm, c.norm_eps)  # (keep, dim): the head only where logits are kept
-    if model.head_int8 is not None:
-        return torch._weight_int8pack_mm(x, *model.head_int8).float()  # (keep, V)
     return linear(x, model.head).float()  # (keep, V)
 
 
@@ -325,11 +313,9 @@ class NativeRunner:
                 pack: bool | None = None):
         return cls(from_hf(hf_model, dtype, pack), max_length)
 
-    def early_exit(self, n_layers: int, int8_head: bool = False) -> NativeRunner:
-        """A runner over the first n_layers + final norm + head, sharing weights, with its own cache.
-        int8_head swaps in a quantized copy of the head (the early exit's largest cost); lossy."""
-        model = early_exit(self.model, n_layers)
-        return NativeRunner(quantize_head(model) if int8_head else model, self.max_length)
+    def early_exit(self, n_layers: int) -> NativeRunner:
+        """A runner over the first n_layers + final norm + head, sharing weights, with its own cache."""
+        return NativeRunner(early_exit(self.model, n_layers), self.max_length)
 
     def start(self, prompt_ids: list[int]) -> list[int]:
         self.length = 0
