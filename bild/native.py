@@ -1,8 +1,12 @@
 """A lean native forward for LLaMA-family decoders on CPU, gpt-fast style.
 
-Weights live in plain tensors (fused QKV and gate/up projections), the KV cache is preallocated
-[1, H_kv, S, D] per layer, and every forward writes at explicit positions start..start+T-1. Rolling back
-is `length = n`: stale entries past the valid prefix are never read, and the next write overwrites them.
+Weights live in plain tensors (fused QKV and gate/up projections; in bf16 pre-packed for oneDNN), the KV
+cache is preallocated [1, H_kv, S, D] per layer, and every forward writes at explicit positions
+start..start+T-1. Rolling back is `length = n`: stale entries past the valid prefix are never read, and the
+next write overwrites them.
+
+    runner = NativeRunner.from_hf(hf_model, dtype=torch.bfloat16)   # or torch.float32 for exactness
+    little = runner.early_exit(2)                                   # shares weights, own cache
 
 Handles LLaMA, Mistral and Qwen2 (q/k/v bias) from a loaded Hugging Face model; `supports()` says which.
 """
