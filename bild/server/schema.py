@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..api import GenerationResult
 from ..config import GenerationConfig
 
+MAX_STOP = 16          # stop strings are checked after every token
 MIN_TEMPERATURE = 1e-4  # softmax(logits / τ) overflows float32 for τ near 1e-37; far below any useful value
 UNSUPPORTED = ("echo", "suffix", "logprobs", "top_logprobs", "best_of", "logit_bias", "tools", "functions")
 # request field -> GenerationConfig field, for the settings a request may override
@@ -74,6 +75,8 @@ class Sampling(BaseModel):
     def _check_supported(self) -> None:
         if self.n not in (None, 1):
             raise ApiError(f"n={self.n} is not supported: this server returns one choice per request", "n")
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
+            raise ApiError(f"at most {MAX_STOP} stop strings are supported, got {len(self.stop)}", "stop")
         if self.temperature and self.temperature < MIN_TEMPERATURE:
             raise ApiError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}", "temperature")
         for name in UNSUPPORTED:
