@@ -1,0 +1,213 @@
+"""Benchmark methods: a spec string ("bild:fallback=0.5,rollback=3") parsed into a small Method, and run once.
+
+Engine methods (ar, little, speculative, bild) go through BigLittle.generate. Baselines use the same models
+through transformers' own `generate` (greedy): the big model alone, assisted by the little model, or with
+prompt lookup. `llamacpp` runs the big model's GGUF file in llama.cpp when `llama_cpp` is importable.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ..errors import BildError
+
+ENGINE = ("ar", "little", "speculative", "bild")
+HF = ("hf-generate", "hf-assisted", "hf-prompt-lookup")
+# method -> {parameter: type}, in the order labels print them
+PARAMS: dict[str, dict[str, type]] = {
+    "ar": {}, "little": {},
+    "speculative": {"gamma": int, "adaptive": bool},
+    "bild": {"fallback": float, "rollback": float, "max_little": int},
+    "hf-generate": {}, "hf-assisted": {},
+    "hf-prompt-lookup": {"prompt_lookup_num_tokens": int},
+    "llamacpp": {},
+}
+DEFAULTS = {"hf-prompt-lookup": {"prompt_lookup_num_tokens": 10}}
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    name: str
+    params: tuple[tuple[str, object], ...] = ()   # (key, value) in PARAMS order
+
+    def __post_init__(self):
+        if self.name not in PARAMS:
+            raise BildError(f"unknown method {self.name!r}; choose one of {', '.join(PARAMS)}")
+        for key, _ in self.params:
+            if key not in PARAMS[self.name]:
+                allowed = ", ".join(PARAMS[self.name]) or "none"
+                raise BildError(f"method {self.name!r} has no parameter {key!r} (parameters: {allowed})")
+        if self.name in ENGINE:
+            from ..config import GenerationConfig
+            GenerationConfig(policy=self.name, **self.kwargs)  # range checks live in one place
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(self.params)
+
+    @property
+    def label(self) -> str:
+        """Canonical spec: parse_method(m.label) == m."""
+        parts = [k if v is True else f"{k}={_fmt(v)}" for k, v in self.params if v is not False]
+        return self.name + (":" + ",".join(parts) if parts else "")
+
+    def with_defaults(self, defaults: dict) -> Method:
+        """Fill parameters this method takes and the spec left unset (e.g. from a tuned config)."""
+        given = self.kwargs
+        extra = {k: v for k, v in defaults.items() if k in PARAMS[self.name] and k not in given}
+        return _make(self.name, {**given, **extra})
+
+
+def parse_method(spec: str) -> Method:
+    """'bild', 'speculative:gamma=4', 'speculative:adaptive', 'bild:fallback=0.5,rollback=inf' -> Method."""
+    name, colon, rest = spec.strip().partition(":")
+    if name not in PARAMS:
+        raise BildError(f"unknown method {name!r} in {spec!r}; choose one of {', '.join(PARAMS)}")
+    values: dict[str, object] = {}
+    for part in [p.strip() for p in rest.split(",") if p.strip()]:
+        key, eq, raw = part.partition("=")
+        key = key.strip().replace("-", "_")
+        kind = PARAMS[name].get(key)
+        if kind is None:
+            allowed = ", ".join(PARAMS[name]) or "none"
+            raise BildError(f"method {name!r} has no parameter {key!r} (parameters: {allowed})")
+        if key in values:
+            raise BildError(f"parameter {key!r} given twice in {spec!r}")
+        values[key] = _convert(kind, raw.strip() if eq else None, key, spec)
+    if colon and not values:
+        raise BildError(f"empty parameter list in {spec!r}")
+    return _make(name, values)
+
+
+def _make(name: str, values: dict) -> Method:
+    return Method(name, tuple((k, values[k]) for k in PARAMS[name] if k in values))
+
+
+def _convert(kind: type, raw: str | None, key: str, spec: str):
+    if kind is bool:
+        if raw is None or raw.lower() in ("1", "true", "yes"):
+            return True
+        if raw.lower() in ("0", "false", "no"):
+            return False
+        raise BildError(f"{key} in {spec!r} is a flag: write {key} or {key}=false")
+    if raw is None or raw == "":
+        raise BildError(f"{key} in {spec!r} needs a value: {key}=...")
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise BildError(f"{key} in {spec!r} must be {'an integer' if kind is int else 'a number'}, "
+                        f"got {raw!r}") from None
+    if kind is float and math.isnan(value):
+        raise BildError(f"{key} in {spec!r} must be a number, got {raw!r}")
+    return value
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def available(method: Method) -> str | None:
+    """None when the method can run here, else why not."""
+    if method.name == "llamacpp":
+        import importlib.util
+        if importlib.util.find_spec("llama_cpp") is None:
+            return "llamacpp skipped: the llama_cpp package (llama-cpp-python) is not installed"
+    return None
+
+
+# --- running one method on one prompt -------------------------------------------------------------------
+
+def run(bl, method: Method, prompt, max_new_tokens: int) -> dict:
+    """Generate once; return the timing and counter fields of a record (text and token ids included)."""
+    if method.name in ENGINE:
+        return _run_engine(bl, method, prompt, max_new_tokens)
+    if method.name in HF:
+        return _run_hf(bl, method, prompt, max_new_tokens)
+    return _run_llamacpp(bl, prompt, max_new_tokens)
+
+
+def _run_engine(bl, method: Method, prompt, max_new_tokens: int) -> dict:
+    res = bl.generate(prompt, policy=method.name, max_new_tokens=max_new_tokens, **method.kwargs)
+    s = res.stats
+    return dict(prompt_tokens=s.prompt_tokens, new_tokens=s.new_tokens, seconds=s.seconds,
+                tokens_per_s=s.tokens_per_s, big_calls=s.big_calls, little_calls=s.little_calls,
+                fallbacks=s.fallbacks, rollbacks=s.rollbacks, accepted=list(s.accepted), drafted=list(s.drafted),
+                finish_reason=s.finish_reason, text=res.text, token_ids=list(res.token_ids))
+
+
+def _run_hf(bl, method: Method, prompt, max_new_tokens: int) -> dict:
+    import torch
+
+    ids = bl.encode(prompt)
+    x = torch.tensor([ids], device=bl.big.device)  # (1, T)
+    eos = sorted(bl.eos_ids)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                  eos_token_id=eos, pad_token_id=bl.tokenizer.pad_token_id if bl.tokenizer.pad_token_id
+                  is not None else eos[0], attention_mask=torch.ones_like(x))
+    if method.name == "hf-assisted":
+        kwargs["assistant_model"] = bl.little
+    if method.name == "hf-prompt-lookup":
+        kwargs["prompt_lookup_num_tokens"] = {**DEFAULTS[method.name], **method.kwargs}["prompt_lookup_num_tokens"]
+    with count_calls(bl.big) as big_calls, count_calls(bl.little) as little_calls, torch.inference_mode():
+        t0 = time.perf_counter()
+        out = bl.big.generate(x, **kwargs)  # (1, T + new)
+        seconds = time.perf_counter() - t0
+    new = out[0, len(ids):].tolist()
+    if any(t in bl.eos_ids for t in new):  # drop padding after the first EOS, keep the EOS like the engine does
+        new = new[: next(i for i, t in enumerate(new) if t in bl.eos_ids) + 1]
+    return dict(prompt_tokens=len(ids), new_tokens=len(new), seconds=seconds,
+                tokens_per_s=len(new) / seconds if seconds > 0 else 0.0, big_calls=big_calls[0],
+                little_calls=little_calls[0] if method.name == "hf-assisted" else 0, fallbacks=None, rollbacks=None,
+                accepted=None, drafted=None,
+                finish_reason="stop" if new and new[-1] in bl.eos_ids else "length",
+                text=bl.tokenizer.decode(new, skip_special_tokens=True), token_ids=new)
+
+
+@contextmanager
+def count_calls(model):
+    """Count forward calls of exactly this module. An early-exit little model is a shallow clone of the big
+    one and shares its hook table, so the hook checks identity."""
+    counter = [0]
+
+    def hook(module, args, output):
+        if module is model:
+            counter[0] += 1
+
+    handle = model.register_forward_hook(hook)
+    try:
+        yield counter
+    finally:
+        handle.remove()
+
+
+_LLAMA = {}
+
+
+def _run_llamacpp(bl, prompt, max_new_tokens: int) -> dict:
+    """The big model's GGUF file in llama.cpp, greedy. Untested here: llama_cpp is not installed on this box."""
+    import os
+    from llama_cpp import Llama
+
+    path = getattr(bl, "gguf_path", None)
+    if not path or not os.path.isfile(path):
+        raise BildError("llamacpp needs --big to be a .gguf file or a GGUF alias")
+    if path not in _LLAMA:
+        _LLAMA[path] = Llama(model_path=path, n_ctx=4096, verbose=False)
+    llm = _LLAMA[path]
+    ids = bl.encode(prompt)
+    llm.reset()
+    new: list[int] = []
+    t0 = time.perf_counter()
+    for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+        new.append(token)
+        if token in bl.eos_ids or len(new) >= max_new_tokens:
+            break
+    seconds = time.perf_counter() - t0
+    return dict(prompt_tokens=len(ids), new_tokens=len(new), seconds=seconds,
+                tokens_per_s=len(new) / seconds if seconds > 0 else 0.0, big_calls=None, little_calls=None,
+                fallbacks=None, rollbacks=None, accepted=None, drafted=None,
+                finish_reason="stop" if new and new[-1] in bl.eos_ids else "length",
+                text=bl.tokenizer.decode(new, skip_special_tokens=True), token_ids=new)
