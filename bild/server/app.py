@@ -97,19 +97,19 @@ async def _answer(app: FastAPI, req: Sampling, prompt, reply: Reply, request: Re
                        "model", status=404, code="model_not_found")
     job, events = _new_job(prompt, req.settings(config.defaults))
     _submit(worker, job, config)
-    streaming = False
+    handed_over = False
     try:
         _raise_if_error(await _next_event(events, request), reply.chat)  # ("start", n): the prompt is accepted
         if req.stream:
-            streaming = True  # from here the stream owns the job
-            return StreamingResponse(_sse(job, events, reply, req.include_usage), media_type="text/event-stream")
+            handed_over = True  # from here the stream owns the job
+            return _JobStream(job, _sse(events, reply, req.include_usage))
         while (event := await _next_event(events, request))[0] != "done":
             _raise_if_error(event, reply.chat)
         return JSONResponse(reply.body(event[1]))
     except ClientGone:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
     finally:
-        if not streaming:
+        if not handed_over:
             job.cancelled.set()  # a no-op when the job has finished
 
 
@@ -150,37 +150,48 @@ async def _next_event(events: asyncio.Queue, request: Request) -> tuple:
 
 
 def _raise_if_error(event: tuple, chat: bool) -> None:
-    if event[0] != "error":
-        return
-    e = event[1]
+    if event[0] == "error":
+        raise _api_error(event[1], chat)
+
+
+def _api_error(e: Exception, chat: bool) -> ApiError:
+    """A failed job: 400 when the request caused it, else 500 (logged; the worker carries on)."""
     if is_bad_input(e):
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         param = _param_of(message)
-        raise ApiError(message, "messages" if chat and param == "prompt" else param)
+        return ApiError(message, "messages" if chat and param == "prompt" else param)
     log.error("generation failed", exc_info=e)
-    raise ApiError(f"generation failed: {type(e).__name__}", status=500, type="server_error",
-                   code="generation_failed")
+    return ApiError(f"generation failed: {type(e).__name__}", status=500, type="server_error",
+                    code="generation_failed")
 
 
-async def _sse(job: Job, events: asyncio.Queue, reply: Reply, include_usage: bool):
-    """Server-sent events in OpenAI's chunk format; leaving early (a disconnect) cancels the generation."""
-    try:
-        if reply.chat:
-            yield _data(reply.role_chunk())
-        while (event := await events.get())[0] == "text":
-            yield _data(reply.chunk(event[1]))
-        if event[0] == "error":
-            try:
-                _raise_if_error(event, reply.chat)
-            except ApiError as e:
-                yield _data(e.body())
-            return
-        yield _data(reply.last_chunk(event[1]))
-        if include_usage:
-            yield _data(reply.usage_chunk(event[1]))
-        yield "data: [DONE]\n\n"
-    finally:
-        job.cancelled.set()
+class _JobStream(StreamingResponse):
+    """Server-sent events; however the response ends (done, disconnect, error), the generation stops."""
+
+    def __init__(self, job: Job, events):
+        super().__init__(events, media_type="text/event-stream")
+        self.job = job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancelled.set()  # a no-op when the job has finished
+
+
+async def _sse(events: asyncio.Queue, reply: Reply, include_usage: bool):
+    """The worker's events as OpenAI stream chunks."""
+    if reply.chat:
+        yield _data(reply.role_chunk())
+    while (event := await events.get())[0] == "text":
+        yield _data(reply.chunk(event[1]))
+    if event[0] == "error":  # the response has begun: the error arrives as an event
+        yield _data(_api_error(event[1], reply.chat).body())
+        return
+    yield _data(reply.last_chunk(event[1]))
+    if include_usage:
+        yield _data(reply.usage_chunk(event[1]))
+    yield "data: [DONE]\n\n"
 
 
 def _data(obj: dict) -> str:
