@@ -111,16 +111,17 @@ def test_greedy_equals_hf_fp32(tiny):
     assert greedy(lambda ids: runner.forward(ids)[-1], prompt, 20) == hf_greedy(tiny, prompt, 20)
 
 
-def test_early_exit_shares_weights_and_matches_hf_early_exit(tiny):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_early_exit_shares_weights_and_matches_hf_early_exit(tiny, dtype):
     from bild.models import early_exit as hf_early_exit
 
-    big = NativeRunner.from_hf(tiny, dtype=torch.float32)
+    big = NativeRunner.from_hf(tiny, dtype=dtype)
     little = big.early_exit(1)
     assert little.model.config.n_layers == 1 and little.model.layers[0] is big.model.layers[0]
     assert little.model.head is big.model.head and little.cache.k[0] is not big.cache.k[0]
     ids = [7, 8, 9, 10, 11]
     little.start(ids)
-    check_close(little.forward(ids, keep=5), hf_logits(hf_early_exit(tiny, 1), ids, 5), torch.float32)
+    check_close(little.forward(ids, keep=5), hf_logits(hf_early_exit(tiny, 1), ids, 5), dtype)
 
 
 def test_shares_nothing_mutable_with_hf(tiny):
