@@ -77,7 +77,8 @@ def _recipe_args(p) -> None:
     p.add_argument("--init-layers", default="", help="explicit big layer ids, e.g. 0,29")
     p.add_argument("--exit-init", type=int, default=-1, help="early exit: big layer initialising the exit layer")
     p.add_argument("--vocab", type=int, default=0, help="reduced head over this many frequent tokens (0: full)")
-    p.add_argument("--vocab-from", default=None, help="teacher cache whose tokens give the frequencies")
+    p.add_argument("--vocab-from", default="text",
+                   help="token frequencies from 'text' (calibration ShareGPT) or a calibration teacher cache dir")
     p.add_argument("--run", action="store_true", help="build: OUT is a run directory (writes OUT/draft_init)")
 
 
@@ -91,10 +92,14 @@ def _teacher_args(p, split: str) -> None:
 
 
 def _train_args(p, run_dir: bool = True) -> None:
+    p.add_argument("--data", choices=("aligned", "text", "mix"), default="aligned",
+                   help="aligned: cached big greedy outputs; text: ShareGPT with the big model online; mix: both")
+    p.add_argument("--aligned-every", type=int, default=2, help="mix: every n-th step is aligned")
     p.add_argument("--teacher-dir", default="runs/teacher_cal")
     p.add_argument("--heldout-dir", default="runs/teacher_heldout")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=5, help="warm-up steps")
     p.add_argument("--w-kd", type=float, default=1.0)
     p.add_argument("--w-ce", type=float, default=1.0)
     p.add_argument("--minutes", type=float, default=10.0)
@@ -125,17 +130,19 @@ def _recipe(args):
                        init=args.init, init_layers=layers, exit_init=args.exit_init)
 
 
-def _kept_ids(big, tokenizer, vocab: int, teacher_dir: str | None):
+def _kept_ids(big, tokenizer, vocab: int, source: str | None):
+    """The `vocab` most frequent token ids of a calibration teacher cache, or of calibration text ("text")."""
     from .draft import frequent_tokens
-    from .train import load_teacher_cache
+    from .train import load_teacher_cache, text_token_stream
     if not vocab:
         return None
-    if not teacher_dir:
-        raise SystemExit("--vocab needs --vocab-from (a calibration teacher cache)")
-    examples = load_teacher_cache(teacher_dir)
-    always = [i for i in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None]
+    if source in (None, "text"):
+        lists = [torch.tensor(text_token_stream(tokenizer, 1_000_000))]
+    else:
+        lists = [e["ids"] for e in load_teacher_cache(source)]
+    always = [tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id]
     always += tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
-    return frequent_tokens((e["ids"] for e in examples), vocab, [i for i in always if isinstance(i, int)])
+    return frequent_tokens(lists, vocab, [i for i in always if isinstance(i, int) and i >= 0])
 
 
 def build(big, tokenizer, args, out: str, run: bool):
@@ -163,20 +170,24 @@ def cmd_teacher(args) -> None:
 def _train_config(args, out_dir: str):
     from .train import TrainConfig
     return TrainConfig(out_dir=out_dir, teacher_dir=args.teacher_dir, heldout_dir=args.heldout_dir, lr=args.lr,
-                       batch_size=args.batch_size, w_kd=args.w_kd, w_ce=args.w_ce, max_minutes=args.minutes,
+                       warmup_steps=args.warmup, batch_size=args.batch_size, w_kd=args.w_kd, w_ce=args.w_ce, max_minutes=args.minutes,
                        eval_every_minutes=args.eval_every, ckpt_every_minutes=args.ckpt_every, seed=args.seed,
-                       threads=args.threads)
+                       threads=args.threads, aligned_every=args.aligned_every if args.data == "mix" else 1,
+                       data=args.data)
 
 
 def train_run(big, tokenizer, run: str, cfg):
     from .draft import load_draft
-    from .train import load_teacher_cache, train
+    from .train import load_teacher_cache, text_batch_fn, train
     draft = load_draft(os.path.join(run, INIT_DIR), big)   # the untrained init; train() resumes any checkpoint
-    examples = load_teacher_cache(cfg.teacher_dir)
+    examples = load_teacher_cache(cfg.teacher_dir) if cfg.data in ("aligned", "mix") else None
+    text = text_batch_fn(tokenizer, cfg.batch_size, cfg.max_len, cfg.seed) if cfg.data in ("text", "mix") else None
     heldout = load_teacher_cache(cfg.heldout_dir) if cfg.heldout_dir else None
-    print(f"training {run}: {len(examples)} aligned examples, "
-          f"{sum(len(e['topv']) for e in examples)} target tokens")
-    return train(draft, big, cfg, examples=examples, heldout=heldout, pad_id=tokenizer.eos_token_id)
+    if examples is not None:
+        print(f"training {run}: {len(examples)} aligned examples, "
+              f"{sum(len(e['topv']) for e in examples)} target tokens")
+    return train(draft, big, cfg, examples=examples, heldout=heldout, pad_id=tokenizer.eos_token_id,
+                 text_batches=text)
 
 
 def cmd_train(args) -> None:

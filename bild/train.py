@@ -130,9 +130,11 @@ class TrainConfig:
     teacher_dir: str | None = None     # aligned data (calibration teacher cache); None: train on ShareGPT text
     heldout_dir: str | None = None     # held-out teacher cache for α
     lr: float = 1e-3
-    warmup_steps: int = 30
+    warmup_steps: int = 5
     batch_size: int = 8                # sequences per step
-    max_len: int = 384                 # text mode: tokens per sequence
+    max_len: int = 256                 # text mode: tokens per sequence
+    data: str = "aligned"              # aligned | text | mix (recorded in the log)
+    aligned_every: int = 1             # with both data sources: every n-th step is aligned, the rest text
     w_kd: float = 1.0                  # token-level KD weight
     w_ce: float = 1.0                  # sequence-level KD weight (cross-entropy to the big model's greedy token)
     max_steps: int = 10_000_000
@@ -322,7 +324,7 @@ def train(draft, big, cfg: TrainConfig, examples: list[dict] | None = None, held
         for group in optimizer.param_groups:
             group["lr"] = _lr(cfg, state.step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast):
-            if batches is not None:
+            if batches is not None and (text_batches is None or state.step % cfg.aligned_every == 0):
                 if state.batch_in_epoch >= len(batches):
                     state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                     batches = epoch_batches(examples, cfg.batch_size, cfg.seed, state.epoch)
@@ -331,6 +333,7 @@ def train(draft, big, cfg: TrainConfig, examples: list[dict] | None = None, held
                 loss, parts = topk_kd_loss(logits, batch["topv"], batch["topi"], batch["topi"][:, 0],
                                            lookup, cfg.w_kd, cfg.w_ce)
                 n_tokens = len(batch["positions"])
+                parts["aligned"] = 1
             else:
                 loss, parts, n_tokens = _text_step(draft, big, text_batches(state.step), lookup, cfg)
         optimizer.zero_grad(set_to_none=True)
@@ -338,7 +341,7 @@ def train(draft, big, cfg: TrainConfig, examples: list[dict] | None = None, held
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         state.step += 1
-        state.batch_in_epoch += 1
+        state.batch_in_epoch += parts.pop("aligned", 0)
         state.tokens += n_tokens
         dt = time.time() - t0
         state.seconds += dt
@@ -372,37 +375,44 @@ def _evaluate(draft, heldout, pad_id, state: TrainState, log: _Log, cfg: TrainCo
 
 
 def _text_step(draft, big, ids: torch.Tensor, lookup, cfg: TrainConfig):
-    """Token-level KD on text: KL(big || draft) over the full (or kept) vocabulary at every position."""
-    with torch.no_grad():
-        teacher = big(input_ids=ids).logits[:, :-1].float()                         # (B, T-1, V)
-    hidden = draft.model(input_ids=ids).last_hidden_state[:, :-1]                  # (B, T-1, H)
+    """Token-level KD on text: KL(big || draft) over the full (or kept) vocabulary at every position.
+
+    With a reduced head the teacher's logits are computed over the kept ids only (renormalised there),
+    which also trims the teacher's own head cost.
+    """
     head = draft.lm_head
-    if lookup is not None:
-        teacher = teacher[..., head.kept]                                          # (B, T-1, N)
-        student = head.reduced(hidden)
-    else:
-        student = head(hidden)
-    p = torch.softmax(teacher, -1)
+    with torch.no_grad():
+        hidden_t = big.model(input_ids=ids).last_hidden_state[:, :-1]              # (B, T-1, H)
+        teacher = (head.reduced(hidden_t) if lookup is not None else big.lm_head(hidden_t)).float()  # (B, T-1, N)
+    hidden = draft.model(input_ids=ids).last_hidden_state[:, :-1]                  # (B, T-1, H)
+    student = head.reduced(hidden) if lookup is not None else head(hidden)        # (B, T-1, N)
+    logp = torch.log_softmax(teacher, -1)
     logq = torch.log_softmax(student.float(), -1)
-    kd = (p * (torch.log(p.clamp_min(1e-12)) - logq)).sum(-1).mean()
+    kd = (logp.exp() * (logp - logq)).sum(-1).mean()
     greedy = teacher.argmax(-1)                                                    # (B, T-1)
     ce = -logq.gather(-1, greedy[..., None]).mean()
     return cfg.w_kd * kd + cfg.w_ce * ce, {"kd": kd.item(), "ce": ce.item()}, greedy.numel()
 
 
-def text_batch_fn(tokenizer, batch_size: int, max_len: int, seed: int = 0):
-    """(step) -> (B, max_len) ids cut from chat-templated calibration ShareGPT conversations (deterministic)."""
+def text_token_stream(tokenizer, max_tokens: int) -> list[int]:
+    """Chat-templated calibration ShareGPT conversations, concatenated, in file order."""
     from . import data
     stream = []
     for conv in data.sharegpt_texts(heldout=False):
         stream += _as_ids(tokenizer.apply_chat_template(conv))
-        if len(stream) > 3_000_000:
+        if len(stream) > max_tokens:
             break
+    return stream
+
+
+def text_batch_fn(tokenizer, batch_size: int, max_len: int, seed: int = 0, max_tokens: int = 1_500_000):
+    """(step) -> (B, max_len) ids cut from calibration ShareGPT conversations (deterministic order)."""
+    stream = text_token_stream(tokenizer, max_tokens)
     chunks = torch.tensor(stream[:len(stream) // max_len * max_len]).view(-1, max_len)   # (C, T)
     order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))
 
     def batch(step: int) -> torch.Tensor:
-        start = step * batch_size % len(chunks)
+        start = step * batch_size % (len(chunks) - batch_size)
         return chunks[order[start:start + batch_size]]
     return batch
 
