@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -335,26 +334,29 @@ SERVE = ("import argparse, sys; from bild.server import add_commands; p = argpar
          "add_commands(p.add_subparsers()); a = p.parse_args(); sys.exit(a.handler(a))")
 
 
-def test_bild_serve_cli_serves_and_exits_on_sigterm(llama_dir):
+@pytest.fixture(scope="module", autouse=True)
+def cli_server(llama_dir):
+    """`bild serve` in a subprocess, started with the module so that its slow start overlaps the other tests."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-c", SERVE, "serve", "--big", llama_dir, "--little", "early-exit:1",
+    cmd = [sys.executable, "-c", SERVE, "serve", "--big", llama_dir, "--little", "early-exit:1", "--threads", "1",
            "--port", str(port), "--model-name", MODEL, "--max-new-tokens", "6", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until(lambda: _healthy(url) or proc.poll() is not None, "bild serve did not start", timeout=80)
-        assert proc.poll() is None, proc.stdout.read()
-        res = client(url).completions.create(model=MODEL, prompt="Hi")
-        assert res.usage.completion_tokens <= 6 and res.model_extra["bild"]["policy"] == "bild"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    yield proc, f"http://127.0.0.1:{port}"
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_bild_serve_cli_serves_and_exits_on_sigterm(cli_server):
+    proc, url = cli_server
+    _wait_until(lambda: _healthy(url) or proc.poll() is not None, "bild serve did not start", timeout=80)
+    assert proc.poll() is None, proc.stdout.read()
+    res = client(url).completions.create(model=MODEL, prompt="Hi")
+    assert res.usage.completion_tokens <= 6 and res.model_extra["bild"]["policy"] == "bild"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
 
 
 def _healthy(url: str) -> bool:

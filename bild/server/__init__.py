@@ -35,8 +35,11 @@ def add_commands(sub) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..cli import decoding_kwargs, load_pair
+    from ..errors import BildError
     from .app import ServerConfig, create_app
 
+    if args.threads is not None and args.threads < 1:
+        raise BildError(f"--threads must be >= 1, got {args.threads}")
     name = args.model_name or os.path.basename(args.big.rstrip("/")).removesuffix(".gguf")
     config = ServerConfig(model_name=name, queue_size=args.queue_size, defaults=decoding_kwargs(args))
     if args.threads:
@@ -51,10 +54,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", sock=None) -> None:
+def run(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Serve until SIGINT or SIGTERM; in-flight and queued requests finish first (graceful shutdown)."""
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=None))
-    server.run(sockets=[sock] if sock else None)
+    server.run()
