@@ -231,3 +231,49 @@ def test_humaneval_completion_extraction():
 def test_humaneval_pass_at_1_runs_the_tests():
     assert humaneval_passed(PROBLEM, "```python\ndef add(a, b):\n    return a + b\n```", timeout=5)
     assert not humaneval_passed(PROBLEM, "    return a - b\n", timeout=5)
+
+
+# --- the commands, end to end on a tiny model ---------------------------------------------------------------
+
+
+def _jsonl(tmp_path, prompts):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return str(path)
+
+
+def test_sweep_command_writes_records_summary_and_plot(llama_dir, tmp_path):
+    from bild.cli import main
+
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--big", llama_dir, "--little", "early-exit:1", "--engine", "hf", "--dataset",
+            f"jsonl:{_jsonl(tmp_path, ['abc', 'hello'])}", "--max-new-tokens", "4", "-o", str(out),
+            "--fallback", "0.5", "--rollback", "3", "--gamma", "2", "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["methods"]) == ["ar", "bild:fallback=0.5,rollback=3", "bild:fallback=0.5,rollback=inf",
+                                        "bild:fallback=0,rollback=3", "speculative:gamma=2"]
+    assert (out / "pareto.png").stat().st_size > 0 and (out / "commands.txt").exists()
+
+
+def test_tune_command_uses_calibration_prompts_and_writes_config(llama_dir, tmp_path, monkeypatch):
+    from bild.bench import datasets
+    from bild.cli import main
+
+    seen = []
+
+    def fake_items(spec, limit=None):
+        seen.append(spec)
+        return [datasets.Item("c0", "abc"), datasets.Item("c1", "hello")]
+
+    monkeypatch.setattr(datasets, "load_items", fake_items)
+    out, config = tmp_path / "tune", tmp_path / "tuned.json"
+    argv = ["tune", "--big", llama_dir, "--little", "early-exit:1", "--engine", "hf", "--max-new-tokens", "4",
+            "-o", str(out), "--fallback", "0,0.99", "--rollback", "0,50", "--budget", "rouge_l>=0",
+            "--write", str(config), "--no-progress"]
+    assert main(argv) == 0
+    assert seen == ["sharegpt-calibration"]
+    tuned = json.loads(config.read_text())
+    assert tuned["generate"]["policy"] == "bild" and set(tuned["generate"]) == {"policy", "fallback", "rollback"}
+    assert tuned["tuned"]["budget"] == "rouge_l>=0"
+    assert main(argv[:-5] + ["--budget", "rouge_l>=1.01", "--write", str(config), "--no-progress"]) == 1
