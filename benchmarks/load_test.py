@@ -56,6 +56,7 @@ def main() -> int:
         wall = time.perf_counter() - t0
         healthy = httpx.get(f"{url}/health", timeout=10).json()
         failures = report(outcomes, wall, healthy, args)
+        print_server_metrics(httpx.get(f"{url}/metrics", timeout=10).text)
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(120)
@@ -183,6 +184,19 @@ def report(outcomes: list[Outcome], wall: float, healthy: dict, args) -> list[st
     print(f"throughput {len(ok) / wall:.2f} requests/s, {tokens / wall:.1f} generated tokens/s")
     print(f"health afterwards: {healthy}")
     return checks(outcomes, statuses, healthy)
+
+
+def print_server_metrics(text: str) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    m = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+    calls = m["bild_big_calls_total"]
+    print(f"server: {m['bild_generated_tokens_total']:.0f} tokens, {calls:.0f} big calls "
+          f"({m['bild_generated_tokens_total'] / max(calls, 1):.2f} tokens/big call), "
+          f"{m['bild_little_calls_total']:.0f} little calls, {m['bild_fallbacks_total']:.0f} fallbacks, "
+          f"{m['bild_rollbacks_total']:.0f} rollbacks, mean acceptance length "
+          f"{m['bild_acceptance_length_sum'] / max(m['bild_acceptance_length_count'], 1):.2f}, mean queue time "
+          f"{m['bild_queue_seconds_sum'] / max(m['bild_queue_seconds_count'], 1):.1f} s")
 
 
 def checks(outcomes: list[Outcome], statuses: collections.Counter, healthy: dict) -> list[str]:
