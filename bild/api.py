@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,11 +54,13 @@ class BigLittle:
         *_, result = self._run(prompt, GenerationConfig(**kwargs))
         return result
 
-    def stream(self, prompt, **kwargs) -> Stream:
-        """Text pieces as they are finalised; after iterating, `.result` holds the GenerationResult."""
-        return Stream(self._run(prompt, GenerationConfig(**kwargs)))
+    def stream(self, prompt, cancel: threading.Event | None = None, **kwargs) -> Stream:
+        """Text pieces as they are finalised; after iterating, `.result` holds the GenerationResult.
 
-    def _run(self, prompt, cfg: GenerationConfig) -> Iterator[str | GenerationResult]:
+        cancel: checked after every decoding round; once set, generation ends with finish_reason "cancelled"."""
+        return Stream(self._run(prompt, GenerationConfig(**kwargs), cancel))
+
+    def _run(self, prompt, cfg: GenerationConfig, cancel=None) -> Iterator[str | GenerationResult]:
         """Yield text pieces, then the GenerationResult."""
         ids = self.encode(prompt)
         stats = Stats(policy=cfg.policy, prompt_tokens=len(ids))
@@ -69,9 +72,9 @@ class BigLittle:
             stopped = out.add(new)
             if piece := out.pending_text(final=stopped):
                 yield piece
-            if stopped:
+            if stopped or (cancel is not None and cancel.is_set()):
                 rounds.close()
-                stats.finish_reason = "stop"
+                stats.finish_reason = "stop" if stopped else "cancelled"
                 break
         stats.seconds = time.perf_counter() - t0
         stats.new_tokens = len(out.tokens)

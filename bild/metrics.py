@@ -18,7 +18,7 @@ class Stats:
     accepted: list[int] = field(default_factory=list)  # little tokens kept at each big call
     drafted: list[int] = field(default_factory=list)   # little tokens proposed at each big call
     seconds: float = 0.0        # wall time including prefill
-    finish_reason: str = ""     # "stop" (EOS or stop string) or "length"
+    finish_reason: str = ""     # "stop" (EOS or stop string), "length", or "cancelled" (stream's cancel event)
 
     @property
     def tokens_per_s(self) -> float:

@@ -152,3 +152,13 @@ def test_stats_add_up(bl):
     assert sum(s.accepted) + s.big_calls == s.new_tokens == 20
     assert s.seconds > 0 and s.tokens_per_s > 0
     assert all(a <= d <= 4 for a, d in zip(s.accepted, s.drafted))
+
+
+def test_cancel_event_stops_the_stream_after_the_current_round(bl):
+    import threading
+
+    cancel = threading.Event()
+    stream = bl.stream([1, 7, 8], policy="ar", max_new_tokens=50, cancel=cancel)
+    for _ in stream:
+        cancel.set()
+    assert stream.result.finish_reason == "cancelled" and len(stream.result.token_ids) == 1
