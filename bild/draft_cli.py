@@ -88,6 +88,7 @@ def _teacher_args(p, split: str) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--top-k", type=int, default=32)
+    p.add_argument("--max-shards", type=int, default=None, help="stop after this many shards")
     p.add_argument("--threads", type=int, default=2)
 
 
@@ -96,13 +97,15 @@ def _train_args(p, run_dir: bool = True) -> None:
                    help="aligned: cached big greedy outputs; text: ShareGPT with the big model online; mix: both")
     p.add_argument("--aligned-every", type=int, default=2, help="mix: every n-th step is aligned")
     p.add_argument("--teacher-dir", default="runs/teacher_cal")
+    p.add_argument("--teacher-shards", type=int, default=None, help="use only the first n calibration shards")
     p.add_argument("--heldout-dir", default="runs/teacher_heldout")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--warmup", type=int, default=5, help="warm-up steps")
     p.add_argument("--w-kd", type=float, default=1.0)
     p.add_argument("--w-ce", type=float, default=1.0)
-    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--minutes", type=float, default=10.0, help="training wall-time budget")
+    p.add_argument("--max-steps", type=int, default=10_000_000, help="stop after this many steps (reproducible)")
     p.add_argument("--eval-every", type=float, default=2.0, help="minutes")
     p.add_argument("--ckpt-every", type=float, default=5.0, help="minutes")
     p.add_argument("--seed", type=int, default=0)
@@ -164,13 +167,15 @@ def cmd_teacher(args) -> None:
     big, tokenizer = _load_big(args.big, args.threads)
     build_teacher_cache(big, tokenizer, TeacherConfig(args.out, args.split, args.n_prompts,
                                                       max_new_tokens=args.max_new_tokens,
-                                                      batch_size=args.batch_size, top_k=args.top_k))
+                                                      batch_size=args.batch_size, top_k=args.top_k,
+                                                      max_shards=args.max_shards))
 
 
 def _train_config(args, out_dir: str):
     from .train import TrainConfig
     return TrainConfig(out_dir=out_dir, teacher_dir=args.teacher_dir, heldout_dir=args.heldout_dir, lr=args.lr,
-                       warmup_steps=args.warmup, batch_size=args.batch_size, w_kd=args.w_kd, w_ce=args.w_ce, max_minutes=args.minutes,
+                       warmup_steps=args.warmup, batch_size=args.batch_size, w_kd=args.w_kd, w_ce=args.w_ce,
+                       max_minutes=args.minutes, max_steps=args.max_steps, teacher_shards=args.teacher_shards,
                        eval_every_minutes=args.eval_every, ckpt_every_minutes=args.ckpt_every, seed=args.seed,
                        threads=args.threads, aligned_every=args.aligned_every if args.data == "mix" else 1,
                        data=args.data)
@@ -180,7 +185,7 @@ def train_run(big, tokenizer, run: str, cfg):
     from .draft import load_draft
     from .train import load_teacher_cache, text_batch_fn, train
     draft = load_draft(os.path.join(run, INIT_DIR), big)   # the untrained init; train() resumes any checkpoint
-    examples = load_teacher_cache(cfg.teacher_dir) if cfg.data in ("aligned", "mix") else None
+    examples = load_teacher_cache(cfg.teacher_dir, cfg.teacher_shards) if cfg.data in ("aligned", "mix") else None
     text = text_batch_fn(tokenizer, cfg.batch_size, cfg.max_len, cfg.seed) if cfg.data in ("text", "mix") else None
     heldout = load_teacher_cache(cfg.heldout_dir) if cfg.heldout_dir else None
     if examples is not None:

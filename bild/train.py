@@ -39,6 +39,7 @@ class TeacherConfig:
     batch_size: int = 16
     top_k: int = 32
     shard_batches: int = 8            # write a shard every this many batches (resume skips written shards)
+    max_shards: int | None = None     # stop after this many shards
 
     def __post_init__(self):
         if self.split not in ("calibration", "heldout"):
@@ -103,7 +104,7 @@ def build_teacher_cache(big, tokenizer, cfg: TeacherConfig) -> str:
     source = data.calibration_prompts if cfg.split == "calibration" else data.heldout_prompts
     prompts = encode_prompts(tokenizer, source(cfg.n_prompts), cfg.max_prompt_tokens)
     per_shard = cfg.batch_size * cfg.shard_batches
-    n_shards = (len(prompts) + per_shard - 1) // per_shard
+    n_shards = min((len(prompts) + per_shard - 1) // per_shard, cfg.max_shards or 10**9)
     for s in tqdm(range(n_shards), desc=f"teacher {cfg.split}", unit="shard"):
         path = os.path.join(cfg.out_dir, f"shard_{s:04d}.pt")
         if os.path.exists(path):
@@ -127,7 +128,8 @@ def load_teacher_cache(directory: str, max_shards: int | None = None) -> list[di
 @dataclass(slots=True)
 class TrainConfig:
     out_dir: str
-    teacher_dir: str | None = None     # aligned data (calibration teacher cache); None: train on ShareGPT text
+    teacher_dir: str | None = None     # aligned data (calibration teacher cache)
+    teacher_shards: int | None = None  # use only the first n shards of it (pins the data for reproduction)
     heldout_dir: str | None = None     # held-out teacher cache for α
     lr: float = 1e-3
     warmup_steps: int = 5
@@ -323,17 +325,18 @@ def train(draft, big, cfg: TrainConfig, examples: list[dict] | None = None, held
         draft.train()
         for group in optimizer.param_groups:
             group["lr"] = _lr(cfg, state.step)
+        aligned = batches is not None and (text_batches is None or state.step % cfg.aligned_every == 0)
+        if aligned:
+            if state.batch_in_epoch >= len(batches):
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                batches = epoch_batches(examples, cfg.batch_size, cfg.seed, state.epoch)
+            batch = pad_batch([examples[i] for i in batches[state.batch_in_epoch]], pad_id)  # outside autocast
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast):
-            if batches is not None and (text_batches is None or state.step % cfg.aligned_every == 0):
-                if state.batch_in_epoch >= len(batches):
-                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                    batches = epoch_batches(examples, cfg.batch_size, cfg.seed, state.epoch)
-                batch = pad_batch([examples[i] for i in batches[state.batch_in_epoch]], pad_id)
+            if aligned:
                 logits = student_logits(draft, batch["ids"], batch["positions"])
                 loss, parts = topk_kd_loss(logits, batch["topv"], batch["topi"], batch["topi"][:, 0],
                                            lookup, cfg.w_kd, cfg.w_ce)
                 n_tokens = len(batch["positions"])
-                parts["aligned"] = 1
             else:
                 loss, parts, n_tokens = _text_step(draft, big, text_batches(state.step), lookup, cfg)
         optimizer.zero_grad(set_to_none=True)
@@ -341,7 +344,7 @@ def train(draft, big, cfg: TrainConfig, examples: list[dict] | None = None, held
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         state.step += 1
-        state.batch_in_epoch += parts.pop("aligned", 0)
+        state.batch_in_epoch += int(aligned)
         state.tokens += n_tokens
         dt = time.time() - t0
         state.seconds += dt

@@ -142,7 +142,8 @@ def test_checkpoint_resume_continues(big, tmp_path):
     state = T.train(little, big, _train_cfg(tmp_path, max_steps=3), examples=examples, heldout=heldout)
     assert state.step == 3 and (tmp_path / "ckpt.pt").exists()
     fresh = D.build_draft(big, D.DraftRecipe(n_layers=1, init="first"))
-    state = T.train(fresh, big, _train_cfg(tmp_path, max_steps=5), examples=examples, heldout=heldout)
+    state = T.train(fresh, big, _train_cfg(tmp_path, max_steps=5, autocast=True), examples=examples,
+                    heldout=heldout)
     assert state.step == 5
     starts = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"start"' in line]
     assert [s["step"] for s in starts] == [0, 3]
