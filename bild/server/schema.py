@@ -13,7 +13,10 @@ from ..api import GenerationResult
 from ..config import GenerationConfig
 
 MAX_STOP = 16          # stop strings are checked after every token
-MIN_TEMPERATURE = 1e-4  # softmax(logits / τ) overflows float32 for τ near 1e-37; far below any useful value
+# below these the engine's float32 arithmetic breaks down (τ: softmax(logits / τ) overflows near 1e-37; top_p
+# underflows to 0 below 1e-45 and drops every token); both are far below any useful value
+MIN_TEMPERATURE = 1e-4
+MIN_TOP_P = 1e-6
 UNSUPPORTED = ("echo", "suffix", "logprobs", "top_logprobs", "best_of", "logit_bias", "tools", "functions")
 # request field -> GenerationConfig field, for the settings a request may override
 OVERRIDES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed", "stop": "stop",
@@ -61,7 +64,7 @@ class Sampling(BaseModel):
 
     def settings(self, defaults: dict) -> dict:
         """GenerationConfig keyword arguments: the server's defaults, overridden by this request."""
-        self._check_supported()
+        self._check_limits()
         given = {OVERRIDES[k]: v for k in OVERRIDES if (v := getattr(self, k)) is not None}
         if self.max_length() is not None:
             given["max_new_tokens"] = self.max_length()
@@ -72,13 +75,15 @@ class Sampling(BaseModel):
     def max_length(self) -> int | None:
         return self.max_tokens
 
-    def _check_supported(self) -> None:
+    def _check_limits(self) -> None:
         if self.n not in (None, 1):
             raise ApiError(f"n={self.n} is not supported: this server returns one choice per request", "n")
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
             raise ApiError(f"at most {MAX_STOP} stop strings are supported, got {len(self.stop)}", "stop")
         if self.temperature and self.temperature < MIN_TEMPERATURE:
             raise ApiError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}", "temperature")
+        if self.top_p is not None and self.top_p < MIN_TOP_P:
+            raise ApiError(f"top_p must be at least {MIN_TOP_P}", "top_p")
         for name in UNSUPPORTED:
             if (self.model_extra or {}).get(name):
                 raise ApiError(f"{name} is not supported by this server", name)
