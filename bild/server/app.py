@@ -200,7 +200,7 @@ def _data(obj: dict) -> str:
 
 def _param_of(message: str) -> str | None:
     """The request field a GenerationConfig or prompt error is about."""
-    names = {"max_new_tokens": "max_tokens", **{v: k for k, v in OVERRIDES.items()}, "prompt": "prompt",
+    names = {"max_new_tokens": "max_tokens", **{k: k for k in OVERRIDES}, "prompt": "prompt",
              "chat message": "messages", "token id": "prompt"}
     return next((param for name, param in names.items() if name in message), None)
 

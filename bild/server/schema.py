@@ -18,10 +18,9 @@ MAX_STOP = 16          # stop strings are checked after every token
 MIN_TEMPERATURE = 1e-4
 MIN_TOP_P = 1e-6
 UNSUPPORTED = ("echo", "suffix", "logprobs", "top_logprobs", "best_of", "logit_bias", "tools", "functions")
-# request field -> GenerationConfig field, for the settings a request may override
-OVERRIDES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed", "stop": "stop",
-             "policy": "policy", "fallback": "fallback", "rollback": "rollback", "gamma": "gamma",
-             "max_little": "max_little", "adaptive": "adaptive"}
+# the GenerationConfig settings a request may override, under the same names (max_tokens is max_new_tokens)
+OVERRIDES = ("temperature", "top_p", "top_k", "seed", "stop", "policy", "fallback", "rollback", "gamma",
+             "max_little", "adaptive")
 
 
 class ApiError(Exception):
@@ -65,7 +64,7 @@ class Sampling(BaseModel):
     def settings(self, defaults: dict) -> dict:
         """GenerationConfig keyword arguments: the server's defaults, overridden by this request."""
         self._check_limits()
-        given = {OVERRIDES[k]: v for k in OVERRIDES if (v := getattr(self, k)) is not None}
+        given = {k: v for k in OVERRIDES if (v := getattr(self, k)) is not None}
         if self.max_length() is not None:
             given["max_new_tokens"] = self.max_length()
         settings = {**defaults, **given}
