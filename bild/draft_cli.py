@@ -97,6 +97,8 @@ def _train_args(p, run_dir: bool = True) -> None:
                    help="aligned: cached big greedy outputs; text: ShareGPT with the big model online; mix: both")
     p.add_argument("--aligned-every", type=int, default=2, help="mix: every n-th step is aligned")
     p.add_argument("--teacher-dir", default="runs/teacher_cal")
+    p.add_argument("--grow", action="store_true",
+                   help="re-read the teacher cache at each epoch (it may still be generated in the background)")
     p.add_argument("--teacher-shards", type=int, default=None, help="use only the first n calibration shards")
     p.add_argument("--heldout-dir", default="runs/teacher_heldout")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -181,7 +183,7 @@ def _train_config(args, out_dir: str):
                        data=args.data)
 
 
-def train_run(big, tokenizer, run: str, cfg):
+def train_run(big, tokenizer, run: str, cfg, grow: bool = False):
     from .draft import load_draft
     from .train import load_teacher_cache, text_batch_fn, train
     draft = load_draft(os.path.join(run, INIT_DIR), big)   # the untrained init; train() resumes any checkpoint
@@ -191,13 +193,14 @@ def train_run(big, tokenizer, run: str, cfg):
     if examples is not None:
         print(f"training {run}: {len(examples)} aligned examples, "
               f"{sum(len(e['topv']) for e in examples)} target tokens")
+    reload = (lambda: load_teacher_cache(cfg.teacher_dir, cfg.teacher_shards)) if grow else None
     return train(draft, big, cfg, examples=examples, heldout=heldout, pad_id=tokenizer.eos_token_id,
-                 text_batches=text)
+                 text_batches=text, reload_examples=reload)
 
 
 def cmd_train(args) -> None:
     big, tokenizer = _load_big(args.big, args.threads)
-    train_run(big, tokenizer, args.run, _train_config(args, args.run))
+    train_run(big, tokenizer, args.run, _train_config(args, args.run), grow=args.grow)
 
 
 def cmd_export(args) -> None:
@@ -282,7 +285,7 @@ def cmd_align(args) -> None:
     if not os.path.exists(os.path.join(args.run, INIT_DIR)):
         args.vocab_from = args.vocab_from or args.teacher_dir
         build(big, tokenizer, args, args.run, run=True)
-    train_run(big, tokenizer, args.run, _train_config(args, args.run))
+    train_run(big, tokenizer, args.run, _train_config(args, args.run), grow=args.grow)
     if args.export:
         print(json.dumps(export(big, tokenizer, args.run, args.export, args.heldout_dir), indent=2))
 

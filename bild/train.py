@@ -294,10 +294,12 @@ class _Log:
 
 
 def train(draft, big, cfg: TrainConfig, examples: list[dict] | None = None, heldout: list[dict] | None = None,
-          pad_id: int = 0, text_batches=None) -> TrainState:
+          pad_id: int = 0, text_batches=None, reload_examples=None) -> TrainState:
     """Train the draft's unique weights; resumes from cfg.out_dir/ckpt.pt if present.
 
     `examples`: aligned teacher examples (top-k KD). `text_batches(step) -> (B, T) ids`: online-teacher text KD.
+    `reload_examples() -> examples`, if given, is called at each epoch boundary so a teacher cache that is
+    still being generated in the background grows into the training data.
     """
     from .draft import trainable_parameters
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -329,6 +331,8 @@ def train(draft, big, cfg: TrainConfig, examples: list[dict] | None = None, held
         if aligned:
             if state.batch_in_epoch >= len(batches):
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                examples = reload_examples() if reload_examples else examples
+                log.write(event="epoch", epoch=state.epoch, step=state.step, examples=len(examples))
                 batches = epoch_batches(examples, cfg.batch_size, cfg.seed, state.epoch)
             batch = pad_batch([examples[i] for i in batches[state.batch_in_epoch]], pad_id)  # outside autocast
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast):
