@@ -23,7 +23,9 @@ from .config import GenerationConfig
 
 def probs(logits: Tensor, cfg: GenerationConfig) -> Tensor:
     """(T, V) logits -> (T, V) probabilities after temperature, top-k and top-p."""
-    logits = logits.float() / (cfg.temperature if not cfg.greedy else 1.0)
+    logits = logits.float()
+    # shift before dividing: (logits - max) / τ stays in [-inf, 0], so even a tiny τ cannot overflow
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / (cfg.temperature if not cfg.greedy else 1.0)
     if not cfg.greedy and cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]  # (T, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -36,8 +38,10 @@ def probs(logits: Tensor, cfg: GenerationConfig) -> Tensor:
 def _top_p(pr: Tensor, top_p: float) -> Tensor:
     """Keep the smallest set of most likely tokens whose mass reaches top_p, renormalised."""
     sorted_pr, order = torch.sort(pr, dim=-1, descending=True)   # (T, V)
-    mass_before = torch.cumsum(sorted_pr, dim=-1) - sorted_pr     # (T, V); 0 for the top token, so it is kept
-    drop = torch.zeros_like(pr, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
+    mass_before = torch.cumsum(sorted_pr, dim=-1) - sorted_pr     # (T, V)
+    drop_sorted = mass_before >= top_p
+    drop_sorted[..., 0] = False  # the top token always stays, however small top_p is
+    drop = torch.zeros_like(pr, dtype=torch.bool).scatter(-1, order, drop_sorted)
     pr = pr.masked_fill(drop, 0.0)
     return pr / pr.sum(dim=-1, keepdim=True)
 
