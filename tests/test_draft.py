@@ -147,3 +147,14 @@ def test_checkpoint_resume_continues(big, tmp_path):
     assert state.step == 5
     starts = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"start"' in line]
     assert [s["step"] for s in starts] == [0, 3]
+
+
+def test_text_kd_with_reduced_head_trains(big, tmp_path):
+    kept = torch.arange(0, VOCAB, 2)
+    little = D.build_draft(big, D.DraftRecipe(n_layers=1, init="first"), kept)
+    g = torch.Generator().manual_seed(0)
+    batches = lambda step: torch.randint(0, VOCAB, (2, 12), generator=g)  # noqa: E731
+    state = T.train(little, big, _train_cfg(tmp_path, max_steps=4, autocast=True), text_batches=batches)
+    assert state.step == 4 and state.tokens == 4 * 2 * 11
+    alpha = T.agreement(little, _examples(big, n=3), pad_id=0)["alpha"]
+    assert 0.0 <= alpha <= 1.0
