@@ -37,7 +37,7 @@ class Controlled:
         self.delay = 0.0
         self.fail: Exception | None = None  # raised after `fail_after` text pieces
         self.fail_after = 0
-        self.closed: list[int] = []  # pieces seen by each stream that was closed early
+        self.cancelled: list[int] = []  # text pieces seen by each stream that ended cancelled
 
     def encode(self, prompt):
         return self.pair.encode(prompt)
@@ -59,10 +59,8 @@ class _SlowStream:
             time.sleep(self.owner.delay)
             self.pieces += 1
             yield piece
-
-    def close(self):
-        self.owner.closed.append(self.pieces)
-        self.stream.close()
+        if self.stream.result.finish_reason == "cancelled":
+            self.owner.cancelled.append(self.pieces)
 
     @property
     def result(self):
@@ -284,10 +282,19 @@ def test_disconnect_cancels_the_generation(server, api, controlled, pair):
     next(iter(stream))
     stream.close()
     _wait_until(lambda: metrics(server)["bild_cancelled_total"] == 1, "the generation was not cancelled")
-    assert len(controlled.closed) == 1 and controlled.closed[0] < 50
+    assert len(controlled.cancelled) == 1 and controlled.cancelled[0] < 50
     controlled.delay = 0.0
     after = api.completions.create(model=MODEL, prompt="Hi", max_tokens=8).choices[0].text
     assert after == pair.generate("Hi", max_new_tokens=8).text  # nothing of the cancelled request lingers
+
+
+def test_disconnect_while_waiting_for_a_whole_response_cancels_too(server, controlled):
+    controlled.delay = 0.05
+    before = metrics(server)["bild_cancelled_total"]
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{server}/v1/completions", json={"prompt": "Go", "max_tokens": 200, "policy": "ar"}, timeout=0.5)
+    _wait_until(lambda: metrics(server)["bild_cancelled_total"] == before + 1, "the generation was not cancelled")
+    assert controlled.cancelled[-1] < 50
 
 
 def test_metrics_expose_requests_tokens_and_decoding_counts(server, api):
@@ -327,7 +334,7 @@ def test_shutdown_finishes_in_flight_requests(pair):
         rest = list(chunks)
     assert rest[-1].choices[0].finish_reason == "length"
     assert len(first.choices[0].text + "".join(c.choices[0].text for c in rest)) == 60
-    assert slow.closed == []
+    assert slow.cancelled == []
 
 
 # `bild serve` as the CLI runs it, without the other CLI plugins (work in progress elsewhere must not break this)

@@ -141,10 +141,11 @@ async def _next_event(events: asyncio.Queue, request: Request) -> tuple:
     """The worker's next event; ClientGone if the client disconnects first."""
     getter = asyncio.ensure_future(events.get())
     try:
-        while not (await asyncio.wait({getter}, timeout=POLL))[0]:
-            if await request.is_disconnected():
+        while True:
+            if await request.is_disconnected():  # does not block: it only looks at what has arrived
                 raise ClientGone()
-        return getter.result()
+            if (await asyncio.wait({getter}, timeout=POLL))[0]:
+                return getter.result()
     finally:
         getter.cancel()
 

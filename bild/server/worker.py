@@ -85,16 +85,15 @@ class Worker:
             return
         try:
             ids = self.pair.encode(job.prompt)
-            stream = self.pair.stream(ids, **job.settings)
+            stream = self.pair.stream(ids, cancel=job.cancelled, **job.settings)  # ends within a round once set
             job.emit(("start", len(ids)))
             for piece in stream:
-                if job.cancelled.is_set():
-                    stream.close()
-                    self.monitor.cancelled.inc()
-                    return
                 job.emit(("text", piece))
         except Exception as e:  # reported to this request only; the worker keeps serving
             job.emit(("error", e))
+            return
+        if stream.result.finish_reason == "cancelled":
+            self.monitor.cancelled.inc()
             return
         self.monitor.record(stream.result.stats, time.perf_counter() - job.arrived)
         job.emit(("done", stream.result))
