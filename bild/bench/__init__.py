@@ -81,7 +81,7 @@ def cmd_bench(args) -> int:
     if len(labels) != len(methods):
         raise BildError("a method is listed twice")
     if args.summary_only:
-        records = read_records(os.path.join(args.out, RECORDS))
+        records = read_records(os.path.join(args.out, RECORDS), repair=False)  # a run may still be writing
         if not records:
             raise BildError(f"no records in {args.out}")
         return _report(records, [m for m in labels if any(r["method"] == m for r in records)], args.out)

@@ -24,8 +24,9 @@ PINNED = ("big", "little", "dataset", "engine", "dtype", "max_new_tokens")
 WARMUP_TOKENS = 8
 
 
-def read_records(path: str) -> list[dict]:
-    """Whole records of a JSONL file; a torn last line (no newline, or not JSON) is cut off the file."""
+def read_records(path: str, repair: bool = True) -> list[dict]:
+    """Whole records of a JSONL file. A torn last line (no newline) is ignored, and with repair cut off the
+    file so appending can resume; never repair a file another process may be writing."""
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:
@@ -35,7 +36,7 @@ def read_records(path: str) -> list[dict]:
     for line in keep.decode("utf-8").splitlines():
         if line.strip():
             records.append(json.loads(line))
-    if len(keep) != len(data):
+    if repair and len(keep) != len(data):
         with open(path, "r+b") as f:
             f.truncate(len(keep))
     return records
