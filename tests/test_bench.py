@@ -131,6 +131,7 @@ def test_records_schema_order_and_resume(pair_bl, tmp_path):
     path = f"{out}/{RECORDS}"
     with open(path, "a") as f:
         f.write('{"method": "ar", "prompt_id": "p2", "tor')  # a kill mid-write
+    assert read_records(path, repair=False) == records and open(path).read().endswith('"tor')
     again = run_bench(pair_bl, load_items(f"jsonl:{data}"), methods, out, 6, {"big": "tiny"}, progress=False,
                       warmup=False)
     assert again[:8] == records  # existing records kept, not re-run
