@@ -134,6 +134,8 @@ def cmd_tune(args) -> int:
         json.dump(config, f, indent=2)
     print(f"chosen: fallback={chosen['fallback']:g} rollback={chosen['rollback']:g} "
           f"(speedup {row['speedup_vs_ar']:.2f}x, ROUGE-L {row['rouge_l']:.3f}) -> {path}")
+    if row["speedup_vs_ar"] < 1:
+        print("note: no bild setting within the budget beat ar on these prompts; ar alone is faster", file=sys.stderr)
     return 0
 
 
