@@ -278,3 +278,13 @@ def test_tune_command_uses_calibration_prompts_and_writes_config(llama_dir, tmp_
     assert tuned["generate"]["policy"] == "bild" and set(tuned["generate"]) == {"policy", "fallback", "rollback"}
     assert tuned["tuned"]["budget"] == "rouge_l>=0"
     assert main(argv[:-5] + ["--budget", "rouge_l>=1.01", "--write", str(config), "--no-progress"]) == 1
+
+
+def test_llamacpp_is_skipped_with_a_message_when_missing(monkeypatch):
+    import importlib.util
+
+    from bild.bench.methods import available
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    assert "llama_cpp" in available(parse_method("llamacpp")) and available(parse_method("ar")) is None
