@@ -45,7 +45,8 @@ class GenerationConfig:
         _check(_is_int(self.max_little) and self.max_little >= 1,
                f"max_little must be an integer >= 1, got {self.max_little!r}")
         _check(_is_int(self.gamma) and self.gamma >= 1, f"gamma must be an integer >= 1, got {self.gamma!r}")
-        _check(self.seed is None or _is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        _check(self.seed is None or (_is_int(self.seed) and -2**63 <= self.seed < 2**64),
+               f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

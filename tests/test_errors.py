@@ -28,6 +28,7 @@ def bl(llama_pair, tok):
     (dict(top_p=0.0), "top_p must be in (0, 1]"),
     (dict(top_k=0), "top_k must be an integer >= 1"),
     (dict(max_little=0), "max_little must be an integer >= 1"),
+    (dict(seed=2**64), "seed must be an integer in"),
 ])
 def test_bad_settings(bl, kwargs, message):
     with pytest.raises(BildError, match=message.replace("[", r"\[").replace("(", r"\(")):

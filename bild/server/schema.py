@@ -13,10 +13,6 @@ from ..api import GenerationResult
 from ..config import GenerationConfig
 
 MAX_STOP = 16          # stop strings are checked after every token
-# below these the engine's float32 arithmetic breaks down (τ: softmax(logits / τ) overflows near 1e-37; top_p
-# underflows to 0 below 1e-45 and drops every token); both are far below any useful value
-MIN_TEMPERATURE = 1e-4
-MIN_TOP_P = 1e-6
 UNSUPPORTED = ("echo", "suffix", "logprobs", "top_logprobs", "best_of", "logit_bias", "tools", "functions")
 # the GenerationConfig settings a request may override, under the same names (max_tokens is max_new_tokens)
 OVERRIDES = ("temperature", "top_p", "top_k", "seed", "stop", "policy", "fallback", "rollback", "gamma",
@@ -79,10 +75,6 @@ class Sampling(BaseModel):
             raise ApiError(f"n={self.n} is not supported: this server returns one choice per request", "n")
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
             raise ApiError(f"at most {MAX_STOP} stop strings are supported, got {len(self.stop)}", "stop")
-        if self.temperature and self.temperature < MIN_TEMPERATURE:
-            raise ApiError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}", "temperature")
-        if self.top_p is not None and self.top_p < MIN_TOP_P:
-            raise ApiError(f"top_p must be at least {MIN_TOP_P}", "top_p")
         for name in UNSUPPORTED:
             if (self.model_extra or {}).get(name):
                 raise ApiError(f"{name} is not supported by this server", name)
