@@ -69,6 +69,7 @@ class NativeModel:
     head: Tensor  # (V, dim); the same tensor as embed when tied
     cos: Tensor  # (max_length, D)
     sin: Tensor  # (max_length, D), first half negated so that rotate_half(x) * sin == roll(x) * sin
+    head_ids: Tensor | None = None  # reduced-vocabulary head: head is (N, dim) over these N token ids
 
     @property
     def dtype(self) -> torch.dtype:
@@ -96,7 +97,13 @@ def supports(hf_model) -> bool:
     if rotary is None or getattr(rotary, "rope_type", "default") in DYNAMIC_ROPE:
         return False
     head = getattr(hf_model, "lm_head", None)
-    return head is not None and getattr(head, "bias", None) is None and len(inner.layers) > 0
+    plain = isinstance(head, torch.nn.Linear) and head.bias is None
+    return (plain or _is_reduced_head(head)) and len(inner.layers) > 0
+
+
+def _is_reduced_head(head) -> bool:
+    """bild.draft.ReducedHead: logits over `kept` ids only, -inf elsewhere."""
+    return hasattr(head, "kept") and hasattr(head, "sub_weight")
 
 
 def bf16_supported() -> bool:
@@ -138,13 +145,20 @@ def from_hf(hf_model, dtype: torch.dtype | None = None, pack: bool | None = None
         vocab_size=hf_model.lm_head.weight.shape[0], max_length=_context_length(cfg), norm_eps=inner.norm.variance_epsilon,
     )
     embed = _weight(inner.embed_tokens.weight, dtype)
-    tied = hf_model.lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
-    head = embed if tied else _weight(hf_model.lm_head.weight, dtype)
+    head, head_ids = _head(hf_model.lm_head, inner.embed_tokens, embed, dtype)
     cos, sin = rope_tables(inner.rotary_emb.inv_freq, inner.rotary_emb.attention_scaling, config.max_length, dtype)
     layers = [_layer(block, config, dtype) for block in inner.layers]
-    model = NativeModel(config, embed, layers, _weight(inner.norm.weight, dtype), head, cos, sin)
+    model = NativeModel(config, embed, layers, _weight(inner.norm.weight, dtype), head, cos, sin, head_ids)
     _check_shapes(model)
     return pack_weights(model) if (dtype == torch.bfloat16 if pack is None else pack) else model
+
+
+def _head(lm_head, embed_tokens, embed: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """(head weight, kept ids or None); a head tied to the embedding reuses the converted embedding."""
+    if _is_reduced_head(lm_head):
+        return _weight(lm_head.sub_weight, dtype), lm_head.kept
+    tied = lm_head.weight.data_ptr() == embed_tokens.weight.data_ptr()
+    return (embed if tied else _weight(lm_head.weight, dtype)), None
 
 
 def _context_length(cfg) -> int:
@@ -197,7 +211,8 @@ def _check_shapes(model: NativeModel) -> None:
             got = tuple(getattr(layer, name).shape)
             if got != shape:
                 raise ValueError(f"layer {i} {name}: expected {shape}, got {got}")
-    if tuple(model.head.shape) != (c.vocab_size, c.dim) or tuple(model.embed.shape)[1] != c.dim:
+    rows = c.vocab_size if model.head_ids is None else model.head_ids.shape[0]
+    if tuple(model.head.shape) != (rows, c.dim) or tuple(model.embed.shape)[1] != c.dim:
         raise ValueError(f"embed {tuple(model.embed.shape)} / head {tuple(model.head.shape)} do not fit dim {c.dim}")
 
 
@@ -295,7 +310,11 @@ def forward(model: NativeModel, cache: KVCache, ids: Tensor, start: int, keep: i
         x = x + attention(layer, rms_norm(x, layer.attn_norm, c.norm_eps), k_cache, v_cache, start, rope, mask, c)
         x = x + mlp(layer, rms_norm(x, layer.mlp_norm, c.norm_eps), c)
     x = rms_norm(x[T - keep:], model.norm, c.norm_eps)  # (keep, dim): the head only where logits are kept
-    return linear(x, model.head).float()  # (keep, V)
+    logits = linear(x, model.head).float()  # (keep, V), or (keep, N) for a reduced head
+    if model.head_ids is None:
+        return logits
+    full = logits.new_full((keep, c.vocab_size), float("-inf"))  # zero probability outside the kept ids
+    return full.index_copy_(1, model.head_ids, logits)  # (keep, V)
 
 
 # ---------------------------------------------------------------- runner

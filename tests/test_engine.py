@@ -162,3 +162,24 @@ def test_cancel_event_stops_the_stream_after_the_current_round(bl):
     for _ in stream:
         cancel.set()
     assert stream.result.finish_reason == "cancelled" and len(stream.result.token_ids) == 1
+
+
+@pytest.mark.parametrize("engine", ["hf", "native"])
+def test_reduced_vocabulary_draft_is_lossless_and_native_matches_hf(engine, llama_pair, tok):
+    from bild import draft as D
+
+    big = llama_pair[0]
+    kept = torch.arange(3, 60)  # a 57-token head: the draft can never propose the other 39 tokens
+    little = D.build_draft(big, D.DraftRecipe(n_layers=1, init="first"), kept)
+    hf, nat = make_runner(little, "hf"), make_runner(little, "native")
+    for r in (hf, nat):
+        r.start([1, 5, 6])
+    a, b = hf.forward([1, 5, 6, 7], keep=4), nat.forward([1, 5, 6, 7], keep=4)
+    outside = torch.ones(a.shape[-1], dtype=torch.bool)
+    outside[kept] = False
+    assert torch.isneginf(b[:, outside]).all()
+    torch.testing.assert_close(a[:, kept], b[:, kept], atol=1e-4, rtol=1e-4)
+    bl = BigLittle(big, little, tok, engine=engine)
+    for start in range(3, 13):
+        ar = bl.generate([1, start], policy="ar", max_new_tokens=16).token_ids
+        assert bl.generate([1, start], policy="speculative", fallback=0.0, max_new_tokens=16).token_ids == ar
