@@ -46,6 +46,7 @@ class BigLittle:
         """Load by alias, hub id, directory or .gguf file; little=None is the big model's default little model.
         dtype=None: bf16 where the CPU computes it natively and the native engine applies, else fp32."""
         big_model, tokenizer = models.load(big, dtype=dtype, device=device, engine=engine)
+        little = little if little is not None else models.default_little(big)
         little_model = models.load_little(little, big_model, dtype=big_model.dtype, device=device)
         return cls(big_model, little_model, tokenizer, models.describe_little(little), engine=engine)
 

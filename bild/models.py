@@ -170,8 +170,21 @@ def _truncated_config(config, n_layers: int):
     return cfg
 
 
+def default_little(big_spec: str) -> str | None:
+    """The trained draft shipped for a big model alias (bild/drafts/<alias>), if there is one."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "drafts", big_spec)
+    return path if big_spec in ALIASES and os.path.isfile(os.path.join(path, "bild_draft.json")) else None
+
+
 def load_little(spec: str | None, big: nn.Module, dtype=None, device=None) -> nn.Module:
     """None or 'early-exit[:K]' -> an early exit of big; a trained draft directory; else any loadable model."""
+    from . import draft
+
+    if spec is not None and draft.is_draft_dir(spec):
+        try:
+            return draft.load_draft(spec, big)
+        except Exception as e:  # safetensors, json and shape errors all mean a broken draft directory
+            raise BildError(f"could not load the draft in {spec}: {_first_line(e)}") from e
     if spec is None or spec.startswith("early-exit"):
         k = spec.partition(":")[2] if spec else ""
         if k and not k.isdigit():
@@ -182,6 +195,14 @@ def load_little(spec: str | None, big: nn.Module, dtype=None, device=None) -> nn
 
 
 def describe_little(spec: str | None) -> str:
+    from . import draft
+
+    if spec is not None and draft.is_draft_dir(spec):
+        recipe = draft.read_recipe(spec)
+        alpha = (recipe.metrics or {}).get("alpha")
+        return (f"trained draft {spec} ({recipe.n_layers} layers"
+                + (f", head over {recipe.vocab_size} tokens" if recipe.vocab_size else "")
+                + (f", held-out top-1 agreement {alpha:.2f}" if isinstance(alpha, float) else "") + ")")
     if spec is None or spec.startswith("early-exit"):
         k = spec.partition(":")[2] if spec else ""
         return (f"early exit of the big model after {k or DEFAULT_EARLY_EXIT_LAYERS} layers "

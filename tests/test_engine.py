@@ -183,3 +183,18 @@ def test_reduced_vocabulary_draft_is_lossless_and_native_matches_hf(engine, llam
     for start in range(3, 13):
         ar = bl.generate([1, start], policy="ar", max_new_tokens=16).token_ids
         assert bl.generate([1, start], policy="speculative", fallback=0.0, max_new_tokens=16).token_ids == ar
+
+
+def test_a_saved_draft_directory_loads_as_the_little_model(llama_pair, tmp_path):
+    from bild import draft as D
+    from bild.models import describe_little, load_little
+
+    big = llama_pair[0]
+    recipe = D.DraftRecipe(n_layers=1, init="first")
+    D.save_draft(D.build_draft(big, recipe), big, recipe, str(tmp_path))
+    little = load_little(str(tmp_path), big)
+    assert little.model.embed_tokens is big.model.embed_tokens  # referenced, not copied
+    assert describe_little(str(tmp_path)).startswith("trained draft")
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(BildError, match="could not load the draft"):
+        load_little(str(tmp_path), big)
