@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 
 from ..errors import BildError
@@ -172,7 +173,7 @@ def _run(args, methods, dataset: str) -> list[dict]:
     bl.gguf_path = _gguf_path(args.big)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "commands.txt"), "a") as f:
-        f.write(" ".join(["bild"] + sys.argv[1:]) + "\n")
+        f.write(shlex.join(["bild"] + sys.argv[1:]) + "\n")  # quoted: budgets hold shell characters
     settings = dict(big=args.big, little=bl.little_description, dataset=dataset,
                     engine=getattr(bl, "engine", "hf"), dtype=str(bl.big.dtype), machine=machine())
     return run_bench(bl, items, methods, args.out, args.max_new_tokens, settings, progress=not args.no_progress,
