@@ -233,8 +233,9 @@ def export(big, tokenizer, run: str, out: str, heldout_dir: str) -> dict:
 def decode_speed(big, draft, tokenizer, n_tokens: int = 48, repeats: int = 3) -> dict:
     """ms per token of one-token-at-a-time cached decoding in the HF path (median over repeats)."""
     from transformers import DynamicCache
-    prompt = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about cats."}],
-                                                         add_generation_prompt=True)]).long()
+    from .train import _as_ids
+    prompt = torch.tensor([_as_ids(tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about cats."}],
+                                                                 add_generation_prompt=True))]).long()
 
     def one(model) -> float:
         cache = DynamicCache()

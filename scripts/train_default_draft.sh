@@ -16,8 +16,8 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RUN=${RUN:-runs/default_draft}
 OUT=${OUT:-drafts/smollm2-135m}
-SHARDS=${SHARDS:-__SHARDS__}      # calibration shards (256 prompts each) the shipped draft was trained on
-STEPS=${STEPS:-__STEPS__}         # training steps of the shipped draft's best checkpoint
+SHARDS=${SHARDS:-4}      # calibration shards (256 prompts each) the shipped draft was trained on
+STEPS=${STEPS:-1035}         # training steps of the shipped draft's best checkpoint
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 $PY -m bild.draft_cli draft teacher runs/teacher_heldout --split heldout --n-prompts 72 --batch-size 24
