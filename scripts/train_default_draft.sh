@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces drafts/smollm2-135m from scratch (CPU; every step is resumable: re-run after an interruption).
+# Reproduces bild/drafts/smollm2-135m from scratch (CPU; every step is resumable: re-run after an interruption).
 #
 #   1. held-out teacher cache: SmolLM2-135M's greedy continuations (128 tokens) of 72 held-out ShareGPT
 #      prompts (63 fit in 256 prompt tokens; 7,106 target tokens) -- the set α is measured on;
@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RUN=${RUN:-runs/default_draft}
-OUT=${OUT:-drafts/smollm2-135m}
+OUT=${OUT:-bild/drafts/smollm2-135m}
 SHARDS=${SHARDS:-4}      # calibration shards (256 prompts each) the shipped draft was trained on
 STEPS=${STEPS:-1035}         # training steps of the shipped draft's best checkpoint
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
