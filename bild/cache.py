@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
 from .errors import BildError
+from .models import vocab_size
 
 
 class HFRunner:
@@ -22,7 +23,7 @@ class HFRunner:
 
     def __init__(self, model):
         self.model = model
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.vocab_size = vocab_size(model)
         self.max_length = context_length(model)
         self.cache = None
         self.length = 0
@@ -93,12 +94,9 @@ def make_runner(model, engine: str = "auto", share_with=None):
     if not native.supports(model):
         raise BildError(f"the native engine does not handle {type(model).__name__}; use --engine hf")
     exit_of = getattr(model, "bild_early_exit_of", None)
-    if share_with is not None and exit_of and exit_of[0] == id(share_with.source):
+    if exit_of and exit_of[0] == id(getattr(share_with, "source", None)):  # the big runner is native too
         return share_with.early_exit(exit_of[1])
-    runner = native.NativeRunner.from_hf(model, dtype=model_dtype(model))
+    runner = native.NativeRunner.from_hf(model, dtype=model.dtype)
     runner.source = model
     return runner
 
-
-def model_dtype(model) -> torch.dtype:
-    return next(model.parameters()).dtype
