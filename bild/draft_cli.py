@@ -89,6 +89,8 @@ def _teacher_args(p, split: str) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--top-k", type=int, default=32)
     p.add_argument("--max-shards", type=int, default=None, help="stop after this many shards")
+    p.add_argument("--engine", choices=("auto", "native", "hf"), default="auto",
+                   help="auto: batched native bf16 where supported (LLaMA family), else the HF model")
     p.add_argument("--threads", type=int, default=2)
 
 
@@ -170,7 +172,7 @@ def cmd_teacher(args) -> None:
     build_teacher_cache(big, tokenizer, TeacherConfig(args.out, args.split, args.n_prompts,
                                                       max_new_tokens=args.max_new_tokens,
                                                       batch_size=args.batch_size, top_k=args.top_k,
-                                                      max_shards=args.max_shards))
+                                                      max_shards=args.max_shards, engine=args.engine))
 
 
 def _train_config(args, out_dir: str):

@@ -199,3 +199,33 @@ def test_smollm2_logits_and_greedy(smollm2):
     runner.start(prompt)
     assert greedy(lambda ids: runner.forward(ids)[-1], prompt, 16) == hf_greedy(smollm2, prompt, 16)
 
+
+
+@pytest.mark.parametrize("tiny", ["llama", "qwen2", "llama-bias-tied"])
+def test_greedy_batch_rows_equal_single_sequence_decoding(tiny):
+    """Batched teacher generation: rows of different lengths decode exactly as alone (fp32), top-k included."""
+    model = native.from_hf(TINY[tiny](), torch.float32)
+    prompts = [[5, 9, 3, 7, 1, 2, 8], [4], [11, 12, 13]]
+    topv, topi = native.greedy_batch(model, prompts, max_new_tokens=6, top_k=3)
+    assert topv.shape == topi.shape == (3, 6, 3)
+    runner = NativeRunner(model)
+    for b, prompt in enumerate(prompts):
+        runner.start(prompt)
+        logits = runner.forward(prompt)  # (1, V)
+        for s in range(6):
+            values, ids = logits[-1].topk(3)
+            assert ids.tolist() == topi[b, s].tolist()
+            torch.testing.assert_close(values, topv[b, s], atol=FP32_TOL, rtol=0)
+            logits = runner.forward([int(ids[0])])
+
+
+def test_greedy_batch_stops_once_every_row_hit_eos_and_checks_lengths():
+    model = native.from_hf(TINY["llama"](), torch.float32)
+    _, topi = native.greedy_batch(model, [[5, 9, 3]], max_new_tokens=6, top_k=2)
+    eos = int(topi[0, 1, 0])  # make the second greedy token the stop token
+    _, stopped = native.greedy_batch(model, [[5, 9, 3]], max_new_tokens=6, top_k=2, eos=eos)
+    assert stopped.shape[1] == 2 and stopped[0, :, 0].tolist() == topi[0, :2, 0].tolist()
+    with pytest.raises(ValueError, match="exceed"):
+        native.greedy_batch(model, [[1] * 60], max_new_tokens=10, top_k=2)
+    with pytest.raises(ValueError, match="non-empty"):
+        native.greedy_batch(model, [[]], max_new_tokens=4, top_k=2)
