@@ -51,10 +51,15 @@ def add_commands(subparsers) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(handler=cmd_export)
 
-    p = sub.add_parser("sweep", help="short training runs of several recipes; prints a table of α")
+    p = sub.add_parser("sweep", help="train recipes (optional), then measure every draft: size, c, α, speedups")
     p.add_argument("out")
-    p.add_argument("--recipes", required=True,
-                   help='JSON list of {"kind", "n_layers", "init", "vocab", "lr", "w_kd", "w_ce"} objects')
+    p.add_argument("--recipes", default="[]",
+                   help='JSON list of {"name", "kind", "n_layers", "init", "vocab", "lr", "w_kd", "w_ce"} objects')
+    p.add_argument("--drafts", nargs="*", default=[],
+                   help="more little models to measure as they are: [NAME=]DRAFT_DIR or [NAME=]early-exit:K")
+    p.add_argument("--prompts", type=int, default=10, help="held-out ShareGPT prompts for the measured speedups")
+    p.add_argument("--gamma", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=128)
     _train_args(p, run_dir=False)
     p.set_defaults(handler=cmd_sweep)
 
@@ -254,27 +259,45 @@ def decode_speed(big, draft, tokenizer, n_tokens: int = 48, repeats: int = 3) ->
 
 
 def cmd_sweep(args) -> None:
-    """Each recipe trains for --minutes on the same teacher cache and is scored on the same held-out set."""
+    """Each recipe trains for --minutes on the same teacher cache and is exported; then every draft (trained
+    here or given with --drafts) is measured side by side, see bild/bench/designs.py. Writes OUT/designs.md|json."""
+    from .bench import designs as DS
+    from .bench.datasets import load_items
+    from .train import load_teacher_cache
+    recipes = json.loads(args.recipes)
+    todo = [DS.Design(r.get("name", f"r{i}"), os.path.join(args.out, f"r{i}", "draft")) for i, r in enumerate(recipes)]
+    if recipes:
+        big, tokenizer = _load_big(args.big, args.threads)
+        for r, d in zip(recipes, todo):
+            if not os.path.isfile(os.path.join(d.little, "bild_draft.json")):
+                train_recipe(big, tokenizer, args, r, os.path.dirname(d.little), d.little)
+        del big
+    torch.set_num_threads(args.threads)
+    designs = todo + DS.as_designs(args.drafts)
+    if not designs:
+        raise SystemExit("draft sweep: nothing to measure; give --recipes and/or --drafts")
+    prompts = [item.prompt for item in load_items("sharegpt", args.prompts)]
+    rows = DS.sweep(args.big, designs, load_teacher_cache(args.heldout_dir), prompts, args.gamma,
+                    args.max_new_tokens)
+    DS.write(rows, args.out, {"big": args.big, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+                              "gamma": args.gamma, "heldout_dir": args.heldout_dir, "threads": args.threads,
+                              "recipes": recipes, "drafts": args.drafts})
+    print(DS.markdown(rows))
+
+
+def train_recipe(big, tokenizer, args, recipe: dict, run: str, out: str) -> None:
+    """Build (once), train for --minutes (resumable) and export one sweep recipe."""
     from types import SimpleNamespace
-    big, tokenizer = _load_big(args.big, args.threads)
-    os.makedirs(args.out, exist_ok=True)
-    rows = []
-    for i, r in enumerate(json.loads(args.recipes)):
-        run = os.path.join(args.out, f"r{i}")
-        spec = SimpleNamespace(big=args.big, kind=r.get("kind", "shallow"), layers=r.get("n_layers", 2),
-                               init=r.get("init", "spread"), init_layers=r.get("init_layers", ""),
-                               exit_init=r.get("exit_init", -1), vocab=r.get("vocab", 0), vocab_from=args.teacher_dir)
-        if not os.path.exists(os.path.join(run, INIT_DIR)):
-            build(big, tokenizer, spec, run, run=True)
-        cfg = _train_config(args, run)
-        cfg.lr, cfg.w_kd, cfg.w_ce = r.get("lr", cfg.lr), r.get("w_kd", cfg.w_kd), r.get("w_ce", cfg.w_ce)
-        state = train_run(big, tokenizer, run, cfg)
-        rows.append({"recipe": r, "tokens": state.tokens, "minutes": round(state.seconds / 60, 1),
-                     "alpha": round(state.best_alpha, 4)})
-        with open(os.path.join(args.out, "sweep.jsonl"), "a") as f:
-            f.write(json.dumps(rows[-1]) + "\n")
-    for row in rows:
-        print(f"{json.dumps(row['recipe']):70s} {row['tokens']:>9d} tok {row['minutes']:>6.1f} min  α={row['alpha']:.3f}")
+    spec = SimpleNamespace(big=args.big, kind=recipe.get("kind", "shallow"), layers=recipe.get("n_layers", 2),
+                           init=recipe.get("init", "spread"), init_layers=recipe.get("init_layers", ""),
+                           exit_init=recipe.get("exit_init", -1), vocab=recipe.get("vocab", 0),
+                           vocab_from=args.teacher_dir)
+    if not os.path.exists(os.path.join(run, INIT_DIR)):
+        build(big, tokenizer, spec, run, run=True)
+    cfg = _train_config(args, run)
+    cfg.lr, cfg.w_kd, cfg.w_ce = recipe.get("lr", cfg.lr), recipe.get("w_kd", cfg.w_kd), recipe.get("w_ce", cfg.w_ce)
+    train_run(big, tokenizer, run, cfg)
+    export(big, tokenizer, run, out, args.heldout_dir)
 
 
 def cmd_align(args) -> None:

@@ -175,3 +175,33 @@ def test_teacher_native_batched_equals_hf_loop(big):
         torch.testing.assert_close(g["topv"].float(), e["topv"].float(), atol=2e-3, rtol=1e-3)
     with pytest.raises(ValueError, match="engine"):
         T.TeacherConfig("unused", engine="gpu")
+
+
+def test_predicted_speedup_is_leviathans_formula():
+    from bild.bench.designs import predicted_speedup
+    assert predicted_speedup(0.0, 3, 0.1, 1.2) == pytest.approx(1 / 1.5)
+    assert predicted_speedup(0.5, 3, 0.1, 1.2) == pytest.approx((1 - 0.5 ** 4) / 0.5 / 1.5)
+    assert predicted_speedup(1.0, 3, 0.0, 1.0) == pytest.approx(4.0)
+
+
+def test_design_sweep_measures_every_design(llama_dir, tmp_path):
+    """Trained-draft directory and early exit, side by side: one full row each, markdown and JSON written."""
+    from bild import models
+    from bild.bench import designs as DS
+    big, tokenizer = models.load(llama_dir, dtype=torch.float32)
+    recipe = D.DraftRecipe(kind="shallow", big=llama_dir, n_layers=1, init="first")
+    D.save_draft(D.build_draft(big, recipe), big, recipe, str(tmp_path / "d1"))
+    heldout = T.generate_batch(big, tokenizer, [[5, 6, 7, 8], [9, 10]], T.TeacherConfig("unused", max_new_tokens=6,
+                                                                                        top_k=4, engine="hf"))
+    designs = DS.as_designs([f"one={tmp_path / 'd1'}", "early-exit:1"])
+    assert [d.name for d in designs] == ["one", "early-exit:1"]
+    rows = DS.sweep(llama_dir, designs, heldout, ["hello world", "abc"], gamma=2, max_new_tokens=6)
+    assert [r["design"] for r in rows] == ["one", "early-exit:1"]
+    for r in rows:
+        assert 0 <= r["alpha"] <= 1 and r["c"] > 0 and r["verify_ratio"] > 0 and r["tokens_per_call"] >= 1
+        assert r["spec_speedup"] > 0 and r["bild_speedup"] > 0 and r["predicted_speedup"] > 0
+    assert rows[0]["unique"] > 0 and rows[1]["unique"] == 0
+    DS.write(rows, str(tmp_path / "out"), {"prompts": 2, "max_new_tokens": 6})
+    lines = (tmp_path / "out" / "designs.md").read_text().splitlines()
+    assert sum(line.startswith("| ") for line in lines) == 3  # header + one row per design
+    assert len(json.load(open(tmp_path / "out" / "designs.json"))["rows"]) == 2
