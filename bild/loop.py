@@ -9,7 +9,10 @@ One round of `bild` or `speculative`:
   2. Verify  the big model runs once, non-autoregressively, over every token it has not seen.
   3. Decide  a policy (policies.py) says how many drafts to keep and which token the big model adds.
   4. Commit  append the kept drafts and that token, crop both caches to the kept prefix, yield them.
-`ar` and `little` are one model sampling one token per round.
+`ar` and `little` are one model sampling one token per round. So is the first round of `bild` and
+`speculative`: the big model prefills the prompt alone, exactly as under `ar`, so every position it caches is
+computed in a forward of the same shape as under `ar` (with the native engine's batch-invariant steps this
+makes greedy output bitwise-identical to `ar` in bf16 too, not only up to rounding).
 """
 
 from __future__ import annotations
@@ -33,10 +36,10 @@ def decode(big, little, prompt_ids: list[int], cfg: GenerationConfig, eos_ids: s
     gen = _generator(cfg)
     gamma = cfg.gamma
     while (left := budget - (len(seq) - start)) > 0:
-        if cfg.policy in ("ar", "little"):
-            runner = big if cfg.policy == "ar" else little
+        if cfg.policy in ("ar", "little") or big.length == 0:
+            runner = little if cfg.policy == "little" else big
             new = [_sample_next(runner, seq, cfg, gen)]
-            _count(stats, cfg.policy == "ar")
+            _count(stats, runner is big)
         else:
             limit = min(cfg.max_little if cfg.policy == "bild" else gamma, left - 1)
             drafts, qs, fell_back = _draft(little, seq, cfg, gen, limit, stats)      # 1. draft

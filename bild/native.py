@@ -23,6 +23,7 @@ from torch import Tensor
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 DYNAMIC_ROPE = ("dynamic", "longrope")  # inverse frequencies that change with the sequence length
+STEP_TOKENS = 16  # forwards of at most this many tokens (decode steps, verification) use step_attention
 PACK_BATCH_HINT = 9  # oneDNN picks blocking for this many rows; fits both 1-token steps and 1 + 8 drafts
 
 
@@ -256,9 +257,11 @@ def allocate_cache(config: NativeConfig, max_length: int, dtype: torch.dtype) ->
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    if w.is_mkldnn:  # a packed weight, see pack_weights
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-    return F.linear(x, w, b)
+    if not w.is_mkldnn:
+        return F.linear(x, w, b)
+    if x.shape[0] == 1:  # oneDNN's one-row kernel sums in another order; as two rows it matches every batch
+        return torch.ops.mkldnn._linear_pointwise(x.expand(2, -1), w, b, "none", [], "")[:1]  # (1, out)
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")  # packed weight, see pack_weights
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -276,6 +279,20 @@ def group_mask(start: int, end: int, groups: int) -> Tensor:
     return causal.repeat(groups, 1)  # (G * T, end)
 
 
+def step_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(D)) v in fp32, batch-invariant: a query row's result is bitwise the same whether it
+    is computed alone over its own prefix or among T rows over a longer, masked one. SDPA and matmul are not
+    (their reduction order depends on the shapes), and in bf16 that last-bit difference flips near-tie argmaxes,
+    so a verified draft token could differ from what one-token `ar` steps produce. Elementwise products with
+    sums over a fixed axis keep one reduction order; trailing masked keys add exact zeros.
+    q (1, H_kv, Q, D), k and v (1, H_kv, L, D), attn_mask (Q, L) bool or None -> (1, H_kv, Q, D)"""
+    scores = (q.float().unsqueeze(-2) * k.float().unsqueeze(-3)).sum(-1) * q.shape[-1] ** -0.5  # (1, H_kv, Q, L)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    probs = scores.softmax(-1).unsqueeze(-1)  # (1, H_kv, Q, L, 1)
+    return (probs * v.float().unsqueeze(-3)).sum(-2).to(q.dtype)  # (1, H_kv, Q, D)
+
+
 def attention(layer: Layer, x: Tensor, k_cache: Tensor, v_cache: Tensor, start: int,
               rope: tuple[Tensor, Tensor], mask: Tensor | None, c: NativeConfig) -> Tensor:
     """GQA by folding each kv head's G query heads into the query axis: one SDPA per kv head, no expanded K/V.
@@ -287,7 +304,8 @@ def attention(layer: Layer, x: Tensor, k_cache: Tensor, v_cache: Tensor, start: 
     k_cache[0, :, start:end] = qk[:, H:].transpose(0, 1)  # (H_kv, T, D)
     v_cache[0, :, start:end] = qkv[:, H + Hkv:].transpose(0, 1)  # (H_kv, T, D)
     q = qk[:, :H].reshape(T, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * T, D)  # (1, H_kv, G * T, D)
-    y = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask)
+    attend = step_attention if T <= STEP_TOKENS else F.scaled_dot_product_attention
+    y = attend(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask)  # (1, H_kv, G * T, D)
     y = y.view(Hkv, G, T, D).permute(2, 0, 1, 3).reshape(T, H * D)  # (T, H * D), head h = kv * G + g
     return linear(y, layer.wo, layer.bo)  # (T, dim)
 

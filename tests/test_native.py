@@ -229,3 +229,34 @@ def test_greedy_batch_stops_once_every_row_hit_eos_and_checks_lengths():
         native.greedy_batch(model, [[1] * 60], max_new_tokens=10, top_k=2)
     with pytest.raises(ValueError, match="non-empty"):
         native.greedy_batch(model, [[]], max_new_tokens=4, top_k=2)
+
+
+needs_bf16 = pytest.mark.skipif(not native.bf16_supported(), reason="this CPU has no native bf16")
+
+
+def chunked_vs_single(runner, prompt: list[int], tokens: list[int], width: int) -> list[bool]:
+    """Per position: are the logits of `tokens` fed `width` at a time bitwise those of one-token steps?"""
+    runner.start(prompt)
+    runner.forward(prompt)
+    single = torch.cat([runner.forward([t]) for t in tokens])  # (n, V)
+    runner.crop(len(prompt))
+    chunks = [runner.forward(tokens[i:i + width], keep=len(tokens[i:i + width])) for i in range(0, len(tokens), width)]
+    return [torch.equal(a, b) for a, b in zip(torch.cat(chunks), single)]
+
+
+@needs_bf16
+@pytest.mark.parametrize("tiny", ["llama", "qwen2"])
+def test_bf16_verification_is_bitwise_the_single_token_steps(tiny):
+    """Batch invariance: a k-token verify forward gives each position exactly the logits a one-token step gives,
+    in packed bf16, so greedy speculative decoding is token-identical to ar, not only up to rounding."""
+    runner = NativeRunner.from_hf(TINY[tiny](), dtype=torch.bfloat16)
+    prompt, tokens = [3, 17, 29, 41, 5, 8, 60, 2], [11, 93, 4, 57, 21, 70, 33, 9, 14]
+    for width in (2, 3, 5, 9):
+        assert all(chunked_vs_single(runner, prompt, tokens, width)), width
+
+
+@needs_bf16
+def test_smollm2_bf16_verification_is_bitwise(smollm2):
+    runner = NativeRunner.from_hf(smollm2, dtype=torch.bfloat16, max_length=128)
+    prompt = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30, 2, 198, 1, 4093, 198]
+    assert all(chunked_vs_single(runner, prompt, [504, 3458, 314, 253, 1345, 28, 1271, 29, 31], 4))

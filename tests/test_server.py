@@ -142,7 +142,7 @@ def test_completion_matches_the_engine(api, pair):
     assert res.usage.prompt_tokens == want.stats.prompt_tokens
     assert res.usage.completion_tokens == len(want.token_ids)
     stats = res.model_extra["bild"]
-    assert stats["policy"] == "bild" and stats["big_calls"] >= 1 and len(stats["accepted"]) == stats["big_calls"]
+    assert stats["policy"] == "bild" and stats["big_calls"] >= 1 and len(stats["accepted"]) == stats["big_calls"] - 1
 
 
 def test_request_fields_override_the_server_defaults(api, pair):
@@ -320,12 +320,12 @@ def test_metrics_expose_requests_tokens_and_decoding_counts(server, api):
 
 def test_the_same_seed_gives_the_same_text_idle_or_loaded(api):
     ask = lambda prompt: api.completions.create(  # noqa: E731
-        model=MODEL, prompt=prompt, max_tokens=24, temperature=1.0, seed=11).choices[0].text
+        model=MODEL, prompt=prompt, max_tokens=24, temperature=1.5, seed=11).choices[0].text
     idle = ask("Seeded")
     with ThreadPoolExecutor(6) as pool:
         loaded = list(pool.map(ask, ["Seeded", "Other", "Seeded", "Noise", "Seeded", "Else"]))
     assert loaded[0] == loaded[2] == loaded[4] == idle
-    assert api.completions.create(model=MODEL, prompt="Seeded", max_tokens=24, temperature=1.0,
+    assert api.completions.create(model=MODEL, prompt="Seeded", max_tokens=24, temperature=1.5,
                                   seed=12).choices[0].text != idle
 
 
