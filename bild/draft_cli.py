@@ -111,6 +111,8 @@ def _train_args(p, run_dir: bool = True) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--warmup", type=int, default=5, help="warm-up steps")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="cosine: decay to lr/10 at --max-steps")
     p.add_argument("--w-kd", type=float, default=1.0)
     p.add_argument("--w-ce", type=float, default=1.0)
     p.add_argument("--minutes", type=float, default=10.0, help="training wall-time budget")
@@ -183,7 +185,7 @@ def cmd_teacher(args) -> None:
 def _train_config(args, out_dir: str):
     from .train import TrainConfig
     return TrainConfig(out_dir=out_dir, teacher_dir=args.teacher_dir, heldout_dir=args.heldout_dir, lr=args.lr,
-                       warmup_steps=args.warmup, batch_size=args.batch_size, w_kd=args.w_kd, w_ce=args.w_ce,
+                       warmup_steps=args.warmup, schedule=args.schedule, batch_size=args.batch_size, w_kd=args.w_kd, w_ce=args.w_ce,
                        max_minutes=args.minutes, max_steps=args.max_steps, teacher_shards=args.teacher_shards,
                        eval_every_minutes=args.eval_every, ckpt_every_minutes=args.ckpt_every, seed=args.seed,
                        threads=args.threads, aligned_every=args.aligned_every if args.data == "mix" else 1,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -153,6 +154,7 @@ class TrainConfig:
     heldout_dir: str | None = None     # held-out teacher cache for α
     lr: float = 1e-3
     warmup_steps: int = 5
+    schedule: str = "constant"         # constant | cosine (to lr/10 at max_steps)
     batch_size: int = 8                # sequences per step
     max_len: int = 256                 # text mode: tokens per sequence
     data: str = "aligned"              # aligned | text | mix (recorded in the log)
@@ -170,6 +172,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.lr <= 0 or self.batch_size < 1:
             raise ValueError("lr must be > 0 and batch_size >= 1")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be constant or cosine, got {self.schedule!r}")
+        if self.schedule == "cosine" and self.max_steps >= 10_000_000:
+            raise ValueError("a cosine schedule needs max_steps")
 
 
 @dataclass(slots=True)
@@ -301,7 +307,11 @@ def resume(cfg: TrainConfig, draft, big, optimizer) -> TrainState:
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+    warm = min(1.0, (step + 1) / cfg.warmup_steps)
+    if cfg.schedule == "constant":
+        return cfg.lr * warm
+    progress = min(1.0, step / cfg.max_steps)
+    return cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class _Log:

@@ -187,16 +187,20 @@ _LLAMA = {}
 
 
 def _run_llamacpp(bl, prompt, max_new_tokens: int) -> dict:
-    """The big model's GGUF file in llama.cpp, greedy. Untested here: llama_cpp is not installed on this box."""
+    """The big model's GGUF file in llama.cpp, greedy, with torch's thread count (so the same cores as bild)."""
     import os
+
+    import torch
     from llama_cpp import Llama
 
     path = getattr(bl, "gguf_path", None)
     if not path or not os.path.isfile(path):
         raise BildError("llamacpp needs --big to be a .gguf file or a GGUF alias")
-    if path not in _LLAMA:
-        _LLAMA[path] = Llama(model_path=path, n_ctx=4096, verbose=False)
-    llm = _LLAMA[path]
+    threads = torch.get_num_threads()
+    if (path, threads) not in _LLAMA:
+        _LLAMA[path, threads] = Llama(model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads,
+                                      verbose=False)
+    llm = _LLAMA[path, threads]
     ids = bl.encode(prompt)
     llm.reset()
     new: list[int] = []
