@@ -60,6 +60,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--prompts", type=int, default=10, help="held-out ShareGPT prompts for the measured speedups")
     p.add_argument("--gamma", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--no-measure", action="store_true", help="only train and export the recipes")
     _train_args(p, run_dir=False)
     p.set_defaults(handler=cmd_sweep)
 
@@ -144,7 +145,7 @@ def _recipe(args):
                        init=args.init, init_layers=layers, exit_init=args.exit_init)
 
 
-def _kept_ids(big, tokenizer, vocab: int, source: str | None):
+def _kept_ids(big, tokenizer, vocab: int, source: str | None, max_shards: int | None = None):
     """The `vocab` most frequent token ids of a calibration teacher cache, or of calibration text ("text")."""
     from .draft import frequent_tokens
     from .train import load_teacher_cache, text_token_stream
@@ -153,7 +154,7 @@ def _kept_ids(big, tokenizer, vocab: int, source: str | None):
     if source in (None, "text"):
         lists = [torch.tensor(text_token_stream(tokenizer, 1_000_000))]
     else:
-        lists = [e["ids"] for e in load_teacher_cache(source)]
+        lists = [e["ids"] for e in load_teacher_cache(source, max_shards)]
     always = [tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id]
     always += tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     return frequent_tokens(lists, vocab, [i for i in always if isinstance(i, int) and i >= 0])
@@ -162,7 +163,8 @@ def _kept_ids(big, tokenizer, vocab: int, source: str | None):
 def build(big, tokenizer, args, out: str, run: bool):
     from .draft import build_draft, save_draft
     recipe = _recipe(args)
-    draft = build_draft(big, recipe, _kept_ids(big, tokenizer, args.vocab, args.vocab_from))
+    draft = build_draft(big, recipe, _kept_ids(big, tokenizer, args.vocab, args.vocab_from,
+                                               getattr(args, "teacher_shards", None)))
     save_draft(draft, big, recipe, os.path.join(out, INIT_DIR) if run else out)
     return draft, recipe
 
@@ -274,6 +276,8 @@ def cmd_sweep(args) -> None:
             if not os.path.isfile(os.path.join(d.little, "bild_draft.json")):
                 train_recipe(big, tokenizer, args, r, os.path.dirname(d.little), d.little)
         del big
+    if args.no_measure:
+        return
     torch.set_num_threads(args.threads)
     designs = todo + DS.as_designs(args.drafts)
     if not designs:
@@ -293,7 +297,7 @@ def train_recipe(big, tokenizer, args, recipe: dict, run: str, out: str) -> None
     spec = SimpleNamespace(big=args.big, kind=recipe.get("kind", "shallow"), layers=recipe.get("n_layers", 2),
                            init=recipe.get("init", "spread"), init_layers=recipe.get("init_layers", ""),
                            exit_init=recipe.get("exit_init", -1), vocab=recipe.get("vocab", 0),
-                           vocab_from=args.teacher_dir)
+                           vocab_from=args.teacher_dir, teacher_shards=args.teacher_shards)
     if not os.path.exists(os.path.join(run, INIT_DIR)):
         build(big, tokenizer, spec, run, run=True)
     cfg = _train_config(args, run)
