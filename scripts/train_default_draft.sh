@@ -1,31 +1,44 @@
 #!/usr/bin/env bash
 # Reproduces bild/drafts/smollm2-135m from scratch (CPU; every step is resumable: re-run after an interruption).
 #
-#   1. held-out teacher cache: SmolLM2-135M's greedy continuations (128 tokens) of 72 held-out ShareGPT
-#      prompts (63 fit in 256 prompt tokens; 7,106 target tokens) -- the set α is measured on;
-#   2. calibration teacher cache: the same for calibration prompts, with the big model's top-32 logits;
-#   3. build: 2-layer shallow draft initialised from big layers 0 and 1, 8,192-token head
-#      (most frequent tokens of calibration ShareGPT text), embeddings/head shared with the big model;
-#   4. BiLD prediction alignment: top-k token KD + sequence KD on the cached greedy outputs, lr 1e-3, batch 8;
-#   5. export the best held-out checkpoint with its metrics.
+# Stage 1 (the first shipped draft, α 0.354 on the fp32 held-out cache):
+#   1. held-out teacher cache: SmolLM2-135M's greedy continuations (128 tokens) of 72 held-out ShareGPT prompts
+#      (63 fit in 256 prompt tokens), fp32 Hugging Face loop;
+#   2. calibration teacher cache: the same for 1,024 calibration prompts, with the big model's top-32 logits;
+#   3. build: 2-layer shallow draft initialised from big layers 0 and 1, 8,192-token head (most frequent tokens of
+#      calibration ShareGPT text), embeddings/head shared with the big model;
+#   4. BiLD prediction alignment: top-k token KD + sequence KD on the cached greedy outputs, lr 1e-3, batch 8.
+# Stage 2 (the current draft):
+#   5. teacher caches again, now from the native batched bf16 engine (the big model as `bild generate` runs it,
+#      ~10x faster): every calibration prompt that fits (8,448 prompts, 33 shards) and the 72 held-out prompts;
+#   6. continue from stage 1's best checkpoint: same losses, lr 5e-4 with 20 warm-up steps and a cosine decay to
+#      5e-5 over 2,400 steps;
+#   7. export the best held-out checkpoint with its metrics.
 #
-# The shipped run differs in one respect: its calibration cache was still being generated while it trained
-# (`--grow` re-reads it at every epoch), so early epochs saw fewer shards. Here all shards exist first.
+# The shipped runs differ in one respect: their calibration caches were still being generated while they trained
+# (`--grow` re-reads the cache at every epoch), so early epochs saw fewer shards. Here all shards exist first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-RUN=${RUN:-runs/default_draft}
+RUN1=${RUN1:-runs/default_draft}
+RUN2=${RUN2:-runs/default_draft2}
 OUT=${OUT:-bild/drafts/smollm2-135m}
-SHARDS=${SHARDS:-4}      # calibration shards (256 prompts each) the shipped draft was trained on
-STEPS=${STEPS:-1035}         # training steps of the shipped draft's best checkpoint
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+CLI="$PY -m bild.draft_cli"
 
-$PY -m bild.draft_cli draft teacher runs/teacher_heldout --split heldout --n-prompts 72 --batch-size 24
-$PY -m bild.draft_cli draft teacher runs/teacher_cal --split calibration --n-prompts 4000 --batch-size 32 \
-    --max-shards "$SHARDS"
-[ -d "$RUN/draft_init" ] || $PY -m bild.draft_cli draft build --run "$RUN" --layers 2 --init first \
-    --vocab 8192 --vocab-from text
-$PY -m bild.draft_cli draft train "$RUN" --data aligned --teacher-dir runs/teacher_cal --teacher-shards "$SHARDS" \
+# stage 1
+$CLI draft teacher runs/teacher_heldout --split heldout --n-prompts 72 --batch-size 24 --engine hf
+$CLI draft teacher runs/teacher_cal --split calibration --n-prompts 4000 --batch-size 32 --max-shards 4 --engine hf
+[ -d "$RUN1/draft_init" ] || $CLI draft build --run "$RUN1" --layers 2 --init first --vocab 8192 --vocab-from text
+$CLI draft train "$RUN1" --data aligned --teacher-dir runs/teacher_cal --teacher-shards 4 \
     --heldout-dir runs/teacher_heldout --lr 1e-3 --batch-size 8 --warmup 5 --seed 0 \
-    --max-steps "$STEPS" --minutes 100000 --eval-every 4 --ckpt-every 4
-$PY -m bild.draft_cli draft export "$RUN" "$OUT" --heldout-dir runs/teacher_heldout
+    --max-steps 1035 --minutes 100000 --eval-every 4 --ckpt-every 4
+[ -f "$RUN2/draft_init/bild_draft.json" ] || $CLI draft export "$RUN1" "$RUN2/draft_init" --heldout-dir runs/teacher_heldout
+
+# stage 2
+$CLI draft teacher runs/teacher_heldout_bf16 --split heldout --n-prompts 72 --batch-size 24
+$CLI draft teacher runs/teacher_cal_bf16 --split calibration --n-prompts 9150 --batch-size 32
+$CLI draft train "$RUN2" --threads 1 --data aligned --teacher-dir runs/teacher_cal_bf16 \
+    --heldout-dir runs/teacher_heldout_bf16 --lr 5e-4 --schedule cosine --max-steps 2400 --minutes 100000 \
+    --batch-size 8 --warmup 20 --seed 0 --eval-every 4 --ckpt-every 4
+$CLI draft export "$RUN2" "$OUT" --heldout-dir runs/teacher_heldout_bf16
