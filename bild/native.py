@@ -280,17 +280,20 @@ def group_mask(start: int, end: int, groups: int) -> Tensor:
 
 
 def step_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-    """softmax(q k^T / sqrt(D)) v in fp32, batch-invariant: a query row's result is bitwise the same whether it
-    is computed alone over its own prefix or among T rows over a longer, masked one. SDPA and matmul are not
-    (their reduction order depends on the shapes), and in bf16 that last-bit difference flips near-tie argmaxes,
-    so a verified draft token could differ from what one-token `ar` steps produce. Elementwise products with
-    sums over a fixed axis keep one reduction order; trailing masked keys add exact zeros.
-    q (1, H_kv, Q, D), k and v (1, H_kv, L, D), attn_mask (Q, L) bool or None -> (1, H_kv, Q, D)"""
-    scores = (q.float().unsqueeze(-2) * k.float().unsqueeze(-3)).sum(-1) * q.shape[-1] ** -0.5  # (1, H_kv, Q, L)
+    """softmax(q k^T / sqrt(D)) v, batch-invariant in bf16: a query row's result is bitwise the same whether it is
+    computed alone over its own prefix or among T rows over a longer, masked prefix. SDPA is not (its reduction
+    order depends on the shapes), and in bf16 that last-bit difference flips near-tie argmaxes, so a verified draft
+    token could differ from what one-token `ar` steps produce. oneDNN's bf16 matmuls with at least two rows are
+    invariant (masked keys add exact zeros); scores are rounded to bf16 and softmaxed in fp32, like HF's eager
+    attention. q (1, H_kv, Q, D), k and v (1, H_kv, L, D), attn_mask (Q, L) bool or None -> (1, H_kv, Q, D)"""
+    one = q.shape[-2] == 1
+    if one:  # a one-row matmul takes another kernel; two identical rows match every larger block
+        q = q.expand(-1, -1, 2, -1)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (1, H_kv, Q, L)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
-    probs = scores.softmax(-1).unsqueeze(-1)  # (1, H_kv, Q, L, 1)
-    return (probs * v.float().unsqueeze(-3)).sum(-2).to(q.dtype)  # (1, H_kv, Q, D)
+    y = torch.matmul(scores.softmax(-1).to(v.dtype), v)  # (1, H_kv, Q, D)
+    return y[..., :1, :] if one else y
 
 
 def attention(layer: Layer, x: Tensor, k_cache: Tensor, v_cache: Tensor, start: int,
@@ -304,7 +307,8 @@ def attention(layer: Layer, x: Tensor, k_cache: Tensor, v_cache: Tensor, start: 
     k_cache[0, :, start:end] = qk[:, H:].transpose(0, 1)  # (H_kv, T, D)
     v_cache[0, :, start:end] = qkv[:, H + Hkv:].transpose(0, 1)  # (H_kv, T, D)
     q = qk[:, :H].reshape(T, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * T, D)  # (1, H_kv, G * T, D)
-    attend = step_attention if T <= STEP_TOKENS else F.scaled_dot_product_attention
+    invariant = T <= STEP_TOKENS and x.dtype == torch.bfloat16  # fp32 SDPA differs only in rounding
+    attend = step_attention if invariant else F.scaled_dot_product_attention
     y = attend(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask)  # (1, H_kv, G * T, D)
     y = y.view(Hkv, G, T, D).permute(2, 0, 1, 3).reshape(T, H * D)  # (T, H * D), head h = kv * G + g
     return linear(y, layer.wo, layer.bo)  # (T, dim)
