@@ -61,6 +61,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--gamma", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--no-measure", action="store_true", help="only train and export the recipes")
+    p.add_argument("--dtype", default=None, help="engine dtype for the speed measurements (default: bild's choice)")
     _train_args(p, run_dir=False)
     p.set_defaults(handler=cmd_sweep)
 
@@ -284,9 +285,9 @@ def cmd_sweep(args) -> None:
         raise SystemExit("draft sweep: nothing to measure; give --recipes and/or --drafts")
     prompts = [item.prompt for item in load_items("sharegpt", args.prompts)]
     rows = DS.sweep(args.big, designs, load_teacher_cache(args.heldout_dir), prompts, args.gamma,
-                    args.max_new_tokens)
+                    args.max_new_tokens, args.dtype)
     DS.write(rows, args.out, {"big": args.big, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-                              "gamma": args.gamma, "heldout_dir": args.heldout_dir, "threads": args.threads,
+                              "gamma": args.gamma, "dtype": rows[0]["dtype"], "heldout_dir": args.heldout_dir, "threads": args.threads,
                               "recipes": recipes, "drafts": args.drafts})
     print(DS.markdown(rows))
 

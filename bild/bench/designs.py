@@ -80,20 +80,23 @@ def measure(pairs: dict[str, object], prompts: list, gamma: int, max_new_tokens:
 
 
 def sweep(big: str, designs: list[Design], heldout: list[dict], prompts: list, gamma: int = 3,
-          max_new_tokens: int = 128) -> list[dict]:
-    """One row per design. `heldout`: a teacher cache of held-out prompts (α); `prompts`: held-out prompts."""
+          max_new_tokens: int = 128, dtype=None) -> list[dict]:
+    """One row per design. `heldout`: a teacher cache of held-out prompts (α); `prompts`: held-out prompts.
+    α is measured in fp32 (as `draft export` does); speed with the engine's dtype (None: what `bild` picks)."""
     from .. import models
     from ..api import BigLittle
     from ..draft import parameter_counts
     from ..train import agreement
-    big_model, tokenizer = models.load(big)
+    reference, tokenizer = models.load(big)  # fp32 HF model: α
+    big_model, _ = models.load(big, dtype=dtype, engine="auto")  # the model the pairs decode with
     pairs, rows = {}, {}
     for d in designs:
+        with torch.inference_mode():
+            alpha = agreement(models.load_little(d.little, reference), heldout, tokenizer.eos_token_id)["alpha"]
         little = models.load_little(d.little, big_model, dtype=big_model.dtype)
         bl = pairs[d.name] = BigLittle(big_model, little, tokenizer, models.describe_little(d.little))
-        with torch.inference_mode():
-            alpha = agreement(little, heldout, tokenizer.eos_token_id)["alpha"]
-        rows[d.name] = {"design": d.name, "little": d.little, **parameter_counts(little, big_model),
+        rows[d.name] = {"design": d.name, "little": d.little, "dtype": str(big_model.dtype).replace("torch.", ""),
+                        **parameter_counts(little, big_model),
                         **costs(bl, bl.encode(prompts[0]), gamma), "alpha": alpha, "gamma": gamma}
         rows[d.name]["predicted_speedup"] = predicted_speedup(alpha, gamma, rows[d.name]["c"],
                                                               rows[d.name]["verify_ratio"])
@@ -120,7 +123,7 @@ def write(rows: list[dict], out_dir: str, settings: dict) -> None:
     with open(os.path.join(out_dir, "designs.json"), "w") as f:
         json.dump({"settings": settings, "rows": rows}, f, indent=2)
     first = rows[0]
-    note = (f"\nγ = {first['gamma']}; big model {first['big_ms']:.1f} ms/token; verifying γ+1 tokens costs "
+    note = (f"\nγ = {first['gamma']}; engine dtype {first['dtype']}; big model {first['big_ms']:.1f} ms/token; verifying γ+1 tokens costs "
             f"{first['verify_ratio']:.2f}x one token. Measured speedups: mean tokens/s over "
             f"{settings['prompts']} held-out prompts x {settings['max_new_tokens']} new tokens, interleaved, "
             f"ar = {first['ar_tok_s']:.1f} tokens/s.\n")
