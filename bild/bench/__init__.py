@@ -198,8 +198,9 @@ def _ran(method, records: list[dict]) -> bool:
 
 
 def _little(args) -> str:
-    from ..models import describe_little
-    return describe_little(args.little).split(" (")[0]
+    """The little model as `BigLittle.load` resolves it: --little, else the big model's default."""
+    from ..models import default_little, describe_little
+    return describe_little(args.little or default_little(args.big)).split(" (")[0]
 
 
 def _gguf_path(big: str) -> str | None:
