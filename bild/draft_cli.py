@@ -188,7 +188,8 @@ def cmd_teacher(args) -> None:
 def _train_config(args, out_dir: str):
     from .train import TrainConfig
     return TrainConfig(out_dir=out_dir, teacher_dir=args.teacher_dir, heldout_dir=args.heldout_dir, lr=args.lr,
-                       warmup_steps=args.warmup, schedule=args.schedule, batch_size=args.batch_size, w_kd=args.w_kd, w_ce=args.w_ce,
+                       warmup_steps=args.warmup, schedule=args.schedule, batch_size=args.batch_size,
+                       w_kd=args.w_kd, w_ce=args.w_ce,
                        max_minutes=args.minutes, max_steps=args.max_steps, teacher_shards=args.teacher_shards,
                        eval_every_minutes=args.eval_every, ckpt_every_minutes=args.ckpt_every, seed=args.seed,
                        threads=args.threads, aligned_every=args.aligned_every if args.data == "mix" else 1,
@@ -287,7 +288,8 @@ def cmd_sweep(args) -> None:
     rows = DS.sweep(args.big, designs, load_teacher_cache(args.heldout_dir), prompts, args.gamma,
                     args.max_new_tokens, args.dtype)
     DS.write(rows, args.out, {"big": args.big, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-                              "gamma": args.gamma, "dtype": rows[0]["dtype"], "heldout_dir": args.heldout_dir, "threads": args.threads,
+                              "gamma": args.gamma, "dtype": rows[0]["dtype"], "heldout_dir": args.heldout_dir,
+                              "threads": args.threads,
                               "recipes": recipes, "drafts": args.drafts})
     print(DS.markdown(rows))
 

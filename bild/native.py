@@ -331,12 +331,17 @@ def forward(model: NativeModel, cache: KVCache, ids: Tensor, start: int, keep: i
     for layer, k_cache, v_cache in zip(model.layers, cache.k, cache.v):
         x = x + attention(layer, rms_norm(x, layer.attn_norm, c.norm_eps), k_cache, v_cache, start, rope, mask, c)
         x = x + mlp(layer, rms_norm(x, layer.mlp_norm, c.norm_eps), c)
-    x = rms_norm(x[T - keep:], model.norm, c.norm_eps)  # (keep, dim): the head only where logits are kept
-    logits = linear(x, model.head).float()  # (keep, V), or (keep, N) for a reduced head
+    return head_logits(model, x[T - keep:])  # (keep, V): the head only where logits are kept
+
+
+def head_logits(model: NativeModel, x: Tensor) -> Tensor:
+    """Final norm and head: x (N, dim) -> float32 logits (N, V); a reduced head gives -inf (zero probability)
+    outside its kept ids."""
+    logits = linear(rms_norm(x, model.norm, model.config.norm_eps), model.head).float()  # (N, V) or (N, kept)
     if model.head_ids is None:
         return logits
-    full = logits.new_full((keep, c.vocab_size), float("-inf"))  # zero probability outside the kept ids
-    return full.index_copy_(1, model.head_ids, logits)  # (keep, V)
+    full = logits.new_full((x.shape[0], model.config.vocab_size), float("-inf"))
+    return full.index_copy_(1, model.head_ids, logits)  # (N, V)
 
 
 # ---------------------------------------------------------------- runner
@@ -423,11 +428,7 @@ def batch_step(model: NativeModel, cache: KVCache, ids: Tensor, pos: Tensor) -> 
     for layer, k_cache, v_cache in zip(model.layers, cache.k, cache.v):
         x = x + batch_attention(layer, rms_norm(x, layer.attn_norm, c.norm_eps), k_cache, v_cache, pos, rope, mask, c)
         x = x + mlp(layer, rms_norm(x, layer.mlp_norm, c.norm_eps), c)
-    logits = linear(rms_norm(x, model.norm, c.norm_eps), model.head).float()  # (B, V) or (B, N)
-    if model.head_ids is None:
-        return logits
-    full = logits.new_full((len(ids), c.vocab_size), float("-inf"))
-    return full.index_copy_(1, model.head_ids, logits)  # (B, V)
+    return head_logits(model, x)  # (B, V)
 
 
 @torch.inference_mode()

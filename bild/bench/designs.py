@@ -123,7 +123,8 @@ def write(rows: list[dict], out_dir: str, settings: dict) -> None:
     with open(os.path.join(out_dir, "designs.json"), "w") as f:
         json.dump({"settings": settings, "rows": rows}, f, indent=2)
     first = rows[0]
-    note = (f"\nγ = {first['gamma']}; engine dtype {first['dtype']}; big model {first['big_ms']:.1f} ms/token; verifying γ+1 tokens costs "
+    note = (f"\nγ = {first['gamma']}; engine dtype {first['dtype']}; big model {first['big_ms']:.1f} ms/token; "
+            f"verifying γ+1 tokens costs "
             f"{first['verify_ratio']:.2f}x one token. Measured speedups: mean tokens/s over "
             f"{settings['prompts']} held-out prompts x {settings['max_new_tokens']} new tokens, interleaved, "
             f"ar = {first['ar_tok_s']:.1f} tokens/s.\n")
