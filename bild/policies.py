@@ -24,8 +24,10 @@ from .config import GenerationConfig
 def probs(logits: Tensor, cfg: GenerationConfig) -> Tensor:
     """(T, V) logits -> (T, V) probabilities after temperature, top-k and top-p."""
     logits = logits.float()
-    # shift before dividing: (logits - max) / τ stays in [-inf, 0], so even a tiny τ cannot overflow
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / (cfg.temperature if not cfg.greedy else 1.0)
+    # shift before dividing: (logits - max) / τ stays in [-inf, 0], so even a tiny τ cannot overflow; a τ below
+    # float32's smallest normal would become 0 in the division (0 / 0 = NaN at the max), so it is raised to it
+    tau = max(cfg.temperature, torch.finfo(torch.float32).tiny) if not cfg.greedy else 1.0
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / tau
     if not cfg.greedy and cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]  # (T, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

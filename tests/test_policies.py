@@ -24,7 +24,8 @@ def test_probs_applies_temperature_top_k_and_top_p():
 
 def test_extreme_settings_stay_finite():
     for cfg in (GenerationConfig(temperature=1e-38), GenerationConfig(temperature=1.0, top_p=1e-46),
-                GenerationConfig(temperature=1e-30, top_k=1, top_p=1e-40)):
+                GenerationConfig(temperature=1e-30, top_k=1, top_p=1e-40),
+                GenerationConfig(temperature=2.4e-260)):  # below float32's range: found by the server fuzz test
         pr = probs(LOGITS, cfg)
         assert torch.isfinite(pr).all() and float(pr[0, 0]) == 1.0
 
