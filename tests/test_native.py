@@ -15,6 +15,7 @@ from bild.native import NativeRunner
 FP32_TOL = 1e-4  # absolute, or FP32_REL of the largest logit when that is larger (float rounding, not bugs)
 FP32_REL = 2e-6
 BF16_TOL = 0.05  # relative to the largest logit
+needs_bf16 = pytest.mark.skipif(not native.bf16_supported(), reason="this CPU has no native bf16")
 
 
 def _tiny(cls, config_cls, seed=0, **extra):
@@ -124,14 +125,19 @@ def test_early_exit_shares_weights_and_matches_hf_early_exit(tiny, dtype):
     check_close(little.forward(ids, keep=5), hf_logits(hf_early_exit(tiny, 1), ids, 5), dtype)
 
 
-def test_shares_nothing_mutable_with_hf(tiny):
+def test_fused_fp32_weights_are_new_tensors(tiny):
+    hf_ptrs = {p.data_ptr() for p in tiny.parameters()}
+    fp32 = native.from_hf(tiny, torch.float32)
+    fused = [t for layer in fp32.layers for t in (layer.wqkv, layer.w13)]
+    assert not any(t.data_ptr() in hf_ptrs for t in fused)  # fused weights are new tensors
+
+
+@needs_bf16  # without native bf16, from_hf(bf16) runs in fp32 and shares the fp32 weights by design
+def test_bf16_shares_nothing_mutable_with_hf(tiny):
     hf_ptrs = {p.data_ptr() for p in tiny.parameters()}
     bf16 = native.from_hf(tiny, torch.bfloat16)
     assert not any(t.data_ptr() in hf_ptrs for t in _tensors(bf16) if not t.is_mkldnn)  # packed ones are new
     assert all(p.dtype == torch.float32 for p in tiny.parameters())
-    fp32 = native.from_hf(tiny, torch.float32)
-    fused = [t for layer in fp32.layers for t in (layer.wqkv, layer.w13)]
-    assert not any(t.data_ptr() in hf_ptrs for t in fused)  # fused weights are new tensors
 
 
 def _tensors(model: native.NativeModel):
@@ -144,6 +150,7 @@ def vars_of(obj):
     return [getattr(obj, name) for name in obj.__slots__]
 
 
+@needs_bf16  # packing is the bf16 path; without native bf16 the runner is fp32 and unpacked
 def test_packed_bf16_is_bitwise_unpacked(tiny):
     packed, plain = (NativeRunner.from_hf(tiny, dtype=torch.bfloat16, pack=p) for p in (True, False))
     assert packed.model.layers[0].wqkv.is_mkldnn and not plain.model.layers[0].wqkv.is_mkldnn
@@ -206,7 +213,8 @@ def test_greedy_batch_rows_equal_single_sequence_decoding(tiny):
     """Batched teacher generation: rows of different lengths decode exactly as alone (fp32), top-k included."""
     model = native.from_hf(TINY[tiny](), torch.float32)
     prompts = [[5, 9, 3, 7, 1, 2, 8], [4], [11, 12, 13]]
-    topv, topi = native.greedy_batch(model, prompts, max_new_tokens=6, top_k=3)
+    out = native.greedy_batch(model, prompts, max_new_tokens=6, top_k=3)
+    topv, topi = out.topv, out.topi
     assert topv.shape == topi.shape == (3, 6, 3)
     runner = NativeRunner(model)
     for b, prompt in enumerate(prompts):
@@ -221,9 +229,9 @@ def test_greedy_batch_rows_equal_single_sequence_decoding(tiny):
 
 def test_greedy_batch_stops_once_every_row_hit_eos_and_checks_lengths():
     model = native.from_hf(TINY["llama"](), torch.float32)
-    _, topi = native.greedy_batch(model, [[5, 9, 3]], max_new_tokens=6, top_k=2)
+    topi = native.greedy_batch(model, [[5, 9, 3]], max_new_tokens=6, top_k=2).topi
     eos = int(topi[0, 1, 0])  # make the second greedy token the stop token
-    _, stopped = native.greedy_batch(model, [[5, 9, 3]], max_new_tokens=6, top_k=2, eos=eos)
+    stopped = native.greedy_batch(model, [[5, 9, 3]], max_new_tokens=6, top_k=2, eos=eos).topi
     assert stopped.shape[1] == 2 and stopped[0, :, 0].tolist() == topi[0, :2, 0].tolist()
     with pytest.raises(ValueError, match="exceed"):
         native.greedy_batch(model, [[1] * 60], max_new_tokens=10, top_k=2)
@@ -231,7 +239,6 @@ def test_greedy_batch_stops_once_every_row_hit_eos_and_checks_lengths():
         native.greedy_batch(model, [[]], max_new_tokens=4, top_k=2)
 
 
-needs_bf16 = pytest.mark.skipif(not native.bf16_supported(), reason="this CPU has no native bf16")
 
 
 def chunked_vs_single(runner, prompt: list[int], tokens: list[int], width: int) -> list[bool]:
