@@ -85,10 +85,12 @@ def make_runner(model, engine: str = "auto", share_with=None):
     share_with: the big model's native runner, when `model` is an early exit of it; the exit then shares its
     weights instead of converting them again.
     """
-    from . import native
+    from . import feature_draft, native
 
     if engine not in ENGINES:
         raise BildError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if isinstance(model, feature_draft.FeatureDraft):
+        return feature_draft.FeatureRunner.attach(model, share_with)
     if engine == "hf" or (engine == "auto" and not native.supports(model)):
         return HFSeq2SeqRunner(model) if model.config.is_encoder_decoder else HFRunner(model)
     if not native.supports(model):

@@ -7,6 +7,8 @@ rotary module and LM head are the big model's own objects (shared, frozen, never
                 `init="spread"`: evenly spaced from 0 to the last), plus a trainable copy of the final norm.
 - "early_exit": the big model's first K layers (shared objects, frozen) + one trainable exit layer
                 (initialised from a chosen big layer) + a trainable final norm.
+- "feature":    one trainable layer that also reads the big model's final hidden states (EAGLE); not an HF
+                model but a bild.feature_draft.FeatureDraft, run by the native engine beside the big model.
 
 Either may use a reduced-vocabulary head over the N most frequent tokens: its logits are -inf outside
 the kept ids, so the draft distribution has zero mass there and verification stays lossless.
@@ -30,7 +32,7 @@ from torch import nn
 RECIPE_FILE = "bild_draft.json"
 WEIGHTS_FILE = "model.safetensors"
 VOCAB_FILE = "vocab_ids.json"
-KINDS = ("shallow", "early_exit")
+KINDS = ("shallow", "early_exit", "feature")
 INITS = ("first", "spread")
 
 
@@ -38,7 +40,8 @@ INITS = ("first", "spread")
 class DraftRecipe:
     kind: str = "shallow"
     big: str = "smollm2-135m"          # how to load the big model (alias, path or hub id)
-    n_layers: int = 2                  # shallow: trainable layers; early_exit: shared big layers before the exit
+    n_layers: int = 2                  # shallow: trainable layers; early_exit: shared big layers before the exit;
+                                       # feature: 1
     init: str = "spread"               # shallow: which big layers initialise the draft's layers
     init_layers: list[int] = field(default_factory=list)   # resolved big layer ids (filled by resolve_layers)
     exit_init: int = -1                # early_exit: big layer that initialises the exit layer (-1: the last)
@@ -53,6 +56,8 @@ class DraftRecipe:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {self.n_layers}")
+        if self.kind == "feature" and self.n_layers != 1:
+            raise ValueError(f"a feature draft has exactly 1 layer, got {self.n_layers}")
 
 
 def resolve_layers(recipe: DraftRecipe, n_big: int) -> list[int]:
@@ -106,6 +111,13 @@ def build_draft(big: nn.Module, recipe: DraftRecipe, kept_ids: torch.Tensor | No
     """A K-layer model of the big model's class sharing its embeddings, rotary module and head."""
     n_big = len(_layers(big))
     recipe.init_layers = resolve_layers(recipe, n_big)
+    head = big.get_output_embeddings()
+    recipe.vocab_size = None if kept_ids is None else len(kept_ids)
+    if recipe.kind == "feature":
+        from .feature_draft import FeatureDraft, check_big
+        check_big(big)
+        reduced = head if kept_ids is None else ReducedHead(head, kept_ids, big.config.vocab_size)
+        return FeatureDraft(big, reduced, recipe.init_layers[0]).eval()
     if recipe.kind == "shallow":
         layers = [copy.deepcopy(_layers(big)[i]) for i in recipe.init_layers]
     else:  # shared first layers (big objects) + a trainable exit layer
@@ -124,9 +136,7 @@ def build_draft(big: nn.Module, recipe: DraftRecipe, kept_ids: torch.Tensor | No
     draft.model.embed_tokens = big.model.embed_tokens
     draft.model.rotary_emb = big.model.rotary_emb
     draft.model.norm = copy.deepcopy(big.model.norm)
-    head = big.get_output_embeddings()
     draft.lm_head = head if kept_ids is None else ReducedHead(head, kept_ids, config.vocab_size)
-    recipe.vocab_size = None if kept_ids is None else len(kept_ids)
     _assert_materialised(draft)
     draft.eval()
     return draft

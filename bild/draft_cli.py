@@ -78,7 +78,8 @@ def add_commands(subparsers) -> None:
 
 def _recipe_args(p) -> None:
     p.add_argument("--big", default=DEFAULT_BIG)
-    p.add_argument("--kind", choices=("shallow", "early_exit"), default="shallow")
+    p.add_argument("--kind", choices=("shallow", "early_exit", "feature"), default="shallow",
+                   help="feature: 1 layer reading the big model's features (EAGLE); needs a teacher with --features")
     p.add_argument("--layers", type=int, default=2, help="trainable layers (shallow) or shared layers (early exit)")
     p.add_argument("--init", choices=("first", "spread"), default="spread")
     p.add_argument("--init-layers", default="", help="explicit big layer ids, e.g. 0,29")
@@ -96,6 +97,8 @@ def _teacher_args(p, split: str) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--top-k", type=int, default=32)
     p.add_argument("--max-shards", type=int, default=None, help="stop after this many shards")
+    p.add_argument("--features", action="store_true",
+                   help="also store the big model's final hidden states (training data for feature drafts)")
     p.add_argument("--engine", choices=("auto", "native", "hf"), default="auto",
                    help="auto: batched native bf16 where supported (LLaMA family), else the HF model")
     p.add_argument("--threads", type=int, default=2)
@@ -142,7 +145,8 @@ def _load_big(spec: str, threads: int):
 def _recipe(args):
     from .draft import DraftRecipe
     layers = [int(x) for x in args.init_layers.split(",") if x.strip()] if args.init_layers else []
-    return DraftRecipe(kind=args.kind, big=args.big, n_layers=args.layers if not layers else len(layers),
+    n_layers = 1 if args.kind == "feature" else args.layers if not layers else len(layers)
+    return DraftRecipe(kind=args.kind, big=args.big, n_layers=n_layers,
                        init=args.init, init_layers=layers, exit_init=args.exit_init)
 
 
@@ -182,7 +186,8 @@ def cmd_teacher(args) -> None:
     build_teacher_cache(big, tokenizer, TeacherConfig(args.out, args.split, args.n_prompts,
                                                       max_new_tokens=args.max_new_tokens,
                                                       batch_size=args.batch_size, top_k=args.top_k,
-                                                      max_shards=args.max_shards, engine=args.engine))
+                                                      max_shards=args.max_shards, engine=args.engine,
+                                                      features=args.features))
 
 
 def _train_config(args, out_dir: str):
@@ -244,11 +249,15 @@ def export(big, tokenizer, run: str, out: str, heldout_dir: str) -> dict:
 
 @torch.no_grad()
 def decode_speed(big, draft, tokenizer, n_tokens: int = 48, repeats: int = 3) -> dict:
-    """ms per token of one-token-at-a-time cached decoding in the HF path (median over repeats)."""
+    """ms per token of one-token-at-a-time cached decoding in the HF path (median over repeats); a feature draft,
+    which only runs on the native engine, is timed there against the native big model."""
     from transformers import DynamicCache
+    from .feature_draft import FeatureDraft
     from .train import _as_ids
     prompt = torch.tensor([_as_ids(tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about cats."}],
                                                                  add_generation_prompt=True))]).long()
+    if isinstance(draft, FeatureDraft):
+        return native_decode_speed(big, draft, prompt[0].tolist(), n_tokens, repeats)
 
     def one(model) -> float:
         cache = DynamicCache()
@@ -262,6 +271,29 @@ def decode_speed(big, draft, tokenizer, n_tokens: int = 48, repeats: int = 3) ->
     draft_ms = sorted(one(draft) for _ in range(repeats))[repeats // 2]
     return {"big_ms_per_token": round(big_ms, 2), "draft_ms_per_token": round(draft_ms, 2),
             "speed_threads": torch.get_num_threads()}
+
+
+def native_decode_speed(big, draft, prompt: list[int], n_tokens: int, repeats: int) -> dict:
+    """ms per token of the native big model's and the feature draft's one-token steps (median over repeats)."""
+    from .cache import make_runner
+    big_runner = make_runner(big, "native")
+    little = make_runner(draft, "native", share_with=big_runner)
+
+    def one(runner) -> float:
+        big_runner.start(prompt)
+        ids = big_runner.forward(prompt).argmax(-1).tolist()  # the prompt's features, for the draft to read
+        if runner is little:
+            little.start(prompt)
+            ids = little.forward(prompt).argmax(-1).tolist()
+        t = time.perf_counter()
+        for _ in range(n_tokens):  # the draft runs ahead of the big model on its own features
+            ids = runner.forward(ids).argmax(-1).tolist()
+        return (time.perf_counter() - t) / n_tokens * 1000
+
+    big_ms = sorted(one(big_runner) for _ in range(repeats))[repeats // 2]
+    draft_ms = sorted(one(little) for _ in range(repeats))[repeats // 2]
+    return {"big_ms_per_token": round(big_ms, 2), "draft_ms_per_token": round(draft_ms, 2),
+            "speed_threads": torch.get_num_threads(), "speed_engine": f"native {big_runner.model.dtype}"}
 
 
 def cmd_sweep(args) -> None:

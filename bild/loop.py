@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import torch
 
 from .config import GenerationConfig
+from .errors import BildError
 from .metrics import Stats
 from .policies import bild_rollback, next_gamma, probs, sample, speculative_accept, target
 
@@ -29,6 +30,9 @@ from .policies import bild_rollback, next_gamma, probs, sample, speculative_acce
 def decode(big, little, prompt_ids: list[int], cfg: GenerationConfig, eos_ids: set[int],
            stats: Stats) -> Iterator[list[int]]:
     """Yield the new tokens of each round until EOS, max_new_tokens or the context end."""
+    if cfg.policy == "little" and getattr(little, "needs_big", False):
+        raise BildError("this little model reads the big model's features and cannot decode alone; "
+                        "use policy ar, bild or speculative")
     runners = [r for r in (big, little) if r is not None]
     seq = [r.start(prompt_ids) for r in runners][0]
     start = len(seq)

@@ -320,27 +320,49 @@ def mlp(layer: Layer, x: Tensor, c: NativeConfig) -> Tensor:
 
 
 @torch.inference_mode()
-def forward(model: NativeModel, cache: KVCache, ids: Tensor, start: int, keep: int) -> Tensor:
-    """ids (T,) at positions start..start+T-1 -> float32 logits (keep, V) of the last `keep` positions."""
-    c = model.config
+def forward(model: NativeModel, cache: KVCache, ids: Tensor, start: int, keep: int,
+            features: Tensor | None = None) -> Tensor:
+    """ids (T,) at positions start..start+T-1 -> float32 logits (keep, V) of the last `keep` positions.
+    features: an optional (S, dim) buffer that receives the final normed hidden state of every fed position
+    (rows start..start+T-1), the input of a feature-conditioned little model (bild/feature_draft.py)."""
+    x = blocks(model, cache, F.embedding(ids, model.embed), start)  # (T, dim)
     T = ids.shape[0]
+    if features is None:
+        return head_logits(model, x[T - keep:])  # (keep, V): the head only where logits are kept
+    f = final_norm(model, x)  # (T, dim)
+    features[start:start + T] = f
+    return project(model, f[T - keep:])  # (keep, V)
+
+
+def blocks(model: NativeModel, cache: KVCache, x: Tensor, start: int) -> Tensor:
+    """The decoder layers over input vectors x (T, dim) at positions start..start+T-1 -> (T, dim)."""
+    c = model.config
+    T = x.shape[0]
     end = start + T
     rope = (model.cos[start:end].unsqueeze(1), model.sin[start:end].unsqueeze(1))  # (T, 1, D) each
     mask = group_mask(start, end, c.n_heads // c.n_kv_heads) if T > 1 else None  # one query sees the whole prefix
-    x = F.embedding(ids, model.embed)  # (T, dim)
     for layer, k_cache, v_cache in zip(model.layers, cache.k, cache.v):
         x = x + attention(layer, rms_norm(x, layer.attn_norm, c.norm_eps), k_cache, v_cache, start, rope, mask, c)
         x = x + mlp(layer, rms_norm(x, layer.mlp_norm, c.norm_eps), c)
-    return head_logits(model, x[T - keep:])  # (keep, V): the head only where logits are kept
+    return x
 
 
 def head_logits(model: NativeModel, x: Tensor) -> Tensor:
-    """Final norm and head: x (N, dim) -> float32 logits (N, V); a reduced head gives -inf (zero probability)
-    outside its kept ids."""
-    logits = linear(rms_norm(x, model.norm, model.config.norm_eps), model.head).float()  # (N, V) or (N, kept)
+    """Final norm and head: x (N, dim) -> float32 logits (N, V)."""
+    return project(model, final_norm(model, x))
+
+
+def final_norm(model: NativeModel, x: Tensor) -> Tensor:
+    return rms_norm(x, model.norm, model.config.norm_eps)
+
+
+def project(model: NativeModel, f: Tensor) -> Tensor:
+    """The head over normed hidden states f (N, dim) -> float32 logits (N, V); a reduced head gives -inf (zero
+    probability) outside its kept ids."""
+    logits = linear(f, model.head).float()  # (N, V) or (N, kept)
     if model.head_ids is None:
         return logits
-    full = logits.new_full((x.shape[0], model.config.vocab_size), float("-inf"))
+    full = logits.new_full((f.shape[0], model.config.vocab_size), float("-inf"))
     return full.index_copy_(1, model.head_ids, logits)  # (N, V)
 
 
@@ -357,6 +379,13 @@ class NativeRunner:
         self.max_length = min(max_length or limit, limit)
         self.cache = allocate_cache(model.config, self.max_length, model.dtype)
         self.length = 0
+        self.features: Tensor | None = None  # (max_length, dim) once record_features() is called
+
+    def record_features(self) -> Tensor:
+        """From now on every forward writes its positions' final normed hidden states into self.features."""
+        if self.features is None:
+            self.features = torch.empty(self.max_length, self.model.config.dim, dtype=self.model.dtype)
+        return self.features
 
     @classmethod
     def from_hf(cls, hf_model, dtype: torch.dtype | None = torch.bfloat16, max_length: int | None = None,
@@ -376,7 +405,7 @@ class NativeRunner:
             raise ValueError(f"keep must be in 1..{len(ids)}, got {keep}")
         if self.length + len(ids) > self.max_length:
             raise ValueError(f"sequence of {self.length + len(ids)} tokens exceeds the cache of {self.max_length}")
-        logits = forward(self.model, self.cache, torch.tensor(ids), self.length, keep)  # (keep, V)
+        logits = forward(self.model, self.cache, torch.tensor(ids), self.length, keep, self.features)  # (keep, V)
         self.length += len(ids)
         return logits
 
@@ -419,7 +448,7 @@ def batch_attention(layer: Layer, x: Tensor, k_cache: Tensor, v_cache: Tensor, p
 
 @torch.inference_mode()
 def batch_step(model: NativeModel, cache: KVCache, ids: Tensor, pos: Tensor) -> Tensor:
-    """ids (B,) at per-row positions pos (B,) -> float32 logits (B, V). Rows never see each other."""
+    """ids (B,) at per-row positions pos (B,) -> final normed hidden states (B, dim). Rows never see each other."""
     c = model.config
     end = int(pos.max()) + 1
     rope = (model.cos[pos].unsqueeze(1), model.sin[pos].unsqueeze(1))  # (B, 1, D) each
@@ -428,14 +457,22 @@ def batch_step(model: NativeModel, cache: KVCache, ids: Tensor, pos: Tensor) -> 
     for layer, k_cache, v_cache in zip(model.layers, cache.k, cache.v):
         x = x + batch_attention(layer, rms_norm(x, layer.attn_norm, c.norm_eps), k_cache, v_cache, pos, rope, mask, c)
         x = x + mlp(layer, rms_norm(x, layer.mlp_norm, c.norm_eps), c)
-    return head_logits(model, x)  # (B, V)
+    return final_norm(model, x)  # (B, dim)
+
+
+@dataclass(slots=True)
+class GreedyBatch:
+    """What greedy_batch returns: top-k logits and ids per generated step, and optionally the features."""
+    topv: Tensor  # (B, S, k) float32
+    topi: Tensor  # (B, S, k); topi[:, :, 0] are the greedy tokens
+    features: list[Tensor] | None = None  # per row (P_b + S - 1, dim): final normed hidden of every fed position
 
 
 @torch.inference_mode()
 def greedy_batch(model: NativeModel, prompts: list[list[int]], max_new_tokens: int, top_k: int,
-                 eos: int = -1) -> tuple[Tensor, Tensor]:
+                 eos: int = -1, features: bool = False) -> GreedyBatch:
     """Greedy-continue every prompt for up to max_new_tokens steps (stopping early once every row has hit eos).
-    -> top-k logit values (B, S, k) float32 and their ids (B, S, k); ids[:, :, 0] are the greedy tokens."""
+    features=True also keeps each row's final normed hidden states over its prompt and generated tokens."""
     if max_new_tokens < 1 or not prompts or min(map(len, prompts)) < 1:
         raise ValueError("greedy_batch needs non-empty prompts and max_new_tokens >= 1")
     pos = torch.tensor([len(p) for p in prompts])  # (B,): where each row's next token goes
@@ -443,13 +480,20 @@ def greedy_batch(model: NativeModel, prompts: list[list[int]], max_new_tokens: i
         raise ValueError(f"{int(pos.max())} prompt + {max_new_tokens} new tokens exceed the model's "
                          f"{model.config.max_length} positions")
     cache = allocate_batch_cache(model.config, len(prompts), int(pos.max()) + max_new_tokens, model.dtype)
-    first = [forward(model, _row(cache, b), torch.tensor(p), 0, 1) for b, p in enumerate(prompts)]  # B x (1, V)
+    prefill = [torch.empty(len(p), model.config.dim, dtype=model.dtype) for p in prompts]  # P_b x (P_b, dim)
+    first = [forward(model, _row(cache, b), torch.tensor(p), 0, 1, prefill[b]) for b, p in enumerate(prompts)]
     steps = [torch.cat(first).topk(top_k, dim=-1)]  # values, ids: (B, k) each
+    fed = []  # per step (B, dim)
     done = steps[-1].indices[:, 0] == eos
     for _ in range(max_new_tokens - 1):
         if bool(done.all()):
             break
-        steps.append(batch_step(model, cache, steps[-1].indices[:, 0], pos).topk(top_k, dim=-1))
+        fed.append(batch_step(model, cache, steps[-1].indices[:, 0], pos))
+        steps.append(project(model, fed[-1]).topk(top_k, dim=-1))
         done |= steps[-1].indices[:, 0] == eos
         pos = pos + 1
-    return torch.stack([s.values for s in steps], 1), torch.stack([s.indices for s in steps], 1)  # (B, S, k) each
+    out = GreedyBatch(torch.stack([s.values for s in steps], 1), torch.stack([s.indices for s in steps], 1))
+    if features:
+        later = torch.stack(fed, 1) if fed else prefill[0].new_empty(len(prompts), 0, model.config.dim)  # (B, S-1, dim)
+        out.features = [torch.cat([prefill[b], later[b]]) for b in range(len(prompts))]
+    return out

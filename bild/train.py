@@ -43,12 +43,15 @@ class TeacherConfig:
     max_shards: int | None = None     # stop after this many shards
     engine: str = "auto"              # native (batched, bf16 where supported: the model users decode with) | hf
     dtype: torch.dtype | None = None  # native only; None: bf16 where the CPU has it, else fp32
+    features: bool = False            # native only: also keep the big model's final normed hidden states
 
     def __post_init__(self):
         if self.split not in ("calibration", "heldout"):
             raise ValueError(f"split must be calibration or heldout, got {self.split!r}")
         if self.engine not in ("auto", "native", "hf"):
             raise ValueError(f"engine must be auto, native or hf, got {self.engine!r}")
+        if self.features and self.engine == "hf":
+            raise ValueError("features come from the native engine; use engine auto or native")
 
 
 def encode_prompts(tokenizer, prompts, max_tokens: int) -> list[list[int]]:
@@ -73,8 +76,12 @@ def teacher_generator(big, tokenizer, cfg: TeacherConfig):
     model, eos = native.from_hf(big, cfg.dtype), tokenizer.eos_token_id
 
     def generate(prompts: list[list[int]]) -> list[dict]:
-        topv, topi = native.greedy_batch(model, prompts, cfg.max_new_tokens, cfg.top_k, eos)  # (B, S, k) each
-        return [_example(p, topi[b, :, 0], topv[b].half(), topi[b].int(), eos) for b, p in enumerate(prompts)]
+        out = native.greedy_batch(model, prompts, cfg.max_new_tokens, cfg.top_k, eos, cfg.features)
+        examples = [_example(p, out.topi[b, :, 0], out.topv[b].half(), out.topi[b].int(), eos)
+                    for b, p in enumerate(prompts)]  # topv, topi (B, S, k)
+        for e, f in zip(examples, out.features or []):
+            e["feats"] = f[:len(e["ids"]) - 1].bfloat16()  # (L - 1, dim): position j's feature predicts ids[j + 1]
+        return examples
     return generate
 
 
@@ -233,15 +240,22 @@ def pad_batch(examples: list[dict], pad_id: int) -> dict:
     width = max(len(e["ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)             # (B, T)
     rows, cols, topv, topi = [], [], [], []
+    out = {}
+    if "feats" in examples[0]:  # feature drafts: the big model's features, (L - 1, dim) per example
+        out["feats"] = torch.zeros(len(examples), width, examples[0]["feats"].shape[-1])  # (B, T, dim)
+        out["feat_mask"] = torch.zeros(len(examples), width, dtype=torch.bool)  # (B, T): has a target feature
     for b, e in enumerate(examples):
         ids[b, :len(e["ids"])] = e["ids"]
+        if out:
+            out["feats"][b, :len(e["feats"])] = e["feats"].float()
+            out["feat_mask"][b, :len(e["feats"])] = True
         n = len(e["topv"])
         rows.append(torch.full((n,), b))
         cols.append(torch.arange(e["start"], e["start"] + n))
         topv.append(e["topv"])
         topi.append(e["topi"])
     positions = torch.stack([torch.cat(rows), torch.cat(cols)], dim=1)             # (M, 2)
-    return {"ids": ids, "positions": positions, "topv": torch.cat(topv), "topi": torch.cat(topi)}
+    return {"ids": ids, "positions": positions, "topv": torch.cat(topv), "topi": torch.cat(topi), **out}
 
 
 def epoch_batches(examples: list[dict], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -260,6 +274,9 @@ def epoch_batches(examples: list[dict], batch_size: int, seed: int, epoch: int) 
 @torch.no_grad()
 def agreement(draft, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict:
     """Top-1 agreement α of the draft with the big model's greedy tokens (teacher-forced), and top-k coverage."""
+    from . import feature_draft
+    if isinstance(draft, feature_draft.FeatureDraft):
+        return feature_draft.agreement(draft, examples, pad_id, batch_size)
     hits = total = 0
     for b in range(0, len(examples), batch_size):
         batch = pad_batch(examples[b:b + batch_size], pad_id)
@@ -367,10 +384,7 @@ def train(draft, big, cfg: TrainConfig, examples: list[dict] | None = None, held
             batch = pad_batch([examples[i] for i in batches[state.batch_in_epoch]], pad_id)  # outside autocast
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast):
             if aligned:
-                logits = student_logits(draft, batch["ids"], batch["positions"])
-                loss, parts = topk_kd_loss(logits, batch["topv"], batch["topi"], batch["topi"][:, 0],
-                                           lookup, cfg.w_kd, cfg.w_ce)
-                n_tokens = len(batch["positions"])
+                loss, parts, n_tokens = _aligned_step(draft, batch, lookup, cfg)
             else:
                 loss, parts, n_tokens = _text_step(draft, big, text_batches(state.step), lookup, cfg)
         optimizer.zero_grad(set_to_none=True)
@@ -400,6 +414,15 @@ def train(draft, big, cfg: TrainConfig, examples: list[dict] | None = None, held
     bar.close()
     draft.eval()
     return state
+
+
+def _aligned_step(draft, batch: dict, lookup, cfg: TrainConfig) -> tuple[torch.Tensor, dict, int]:
+    from . import feature_draft
+    if isinstance(draft, feature_draft.FeatureDraft):
+        return feature_draft.aligned_loss(draft, batch, cfg.w_kd, cfg.w_ce)
+    logits = student_logits(draft, batch["ids"], batch["positions"])
+    loss, parts = topk_kd_loss(logits, batch["topv"], batch["topi"], batch["topi"][:, 0], lookup, cfg.w_kd, cfg.w_ce)
+    return loss, parts, len(batch["positions"])
 
 
 def _evaluate(draft, heldout, pad_id, state: TrainState, log: _Log, cfg: TrainConfig, big, optimizer) -> None:

@@ -1,0 +1,283 @@
+"""Feature-conditioned little models: one decoder layer that reads the big model's own features (EAGLE).
+
+Li et al., "EAGLE: Speculative Sampling Requires Rethinking Feature Uncertainty" (arXiv 2401.15077). The big
+model's final hidden state already holds most of what decides its next token. A single layer that gets that
+state, plus the token actually chosen, predicts the big model's next state far better than a small model that
+reads tokens alone. The big model computes those states anyway when it verifies, so they cost nothing extra.
+
+Notation: f_t is the big model's final normed hidden state at position t, from which its head gives p for the
+token at t+1. At position t the draft reads the token x_t and f_{t-1}:
+
+    u_t  = W_fc [emb(x_t); f_{t-1}] + b_fc        (dim)         f_{-1} = 0
+    h    = one LLaMA decoder layer over u_0..u_t  (own KV cache)
+    f̂_t  = rms_norm(h_t) * w_out                  the predicted feature
+    q_t  = softmax(head(f̂_t))                     the big model's head rows (reduced: the kept ids, -inf elsewhere)
+
+While decoding, f_{t-1} is the big model's wherever it has run over position t-1, and the draft's own f̂_{t-1}
+beyond that. Embeddings and head rows are the big model's: shared, frozen, never saved.
+
+Pieces: `FeatureDraft` (the trainable module, saved like every draft by bild.draft), `aligned_loss` and
+`agreement` (training and held-out α on teacher caches with features), `FeatureModel` + `feature_forward` (the
+native inference forward) and `FeatureRunner` (the decoding loop's runner, reading the big runner's features).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import native
+from .errors import BildError
+
+
+class FeatureDraft(nn.Module):
+    """The trainable draft: fc over [embedding; feature], one LLaMA block, an output norm, the big model's head.
+
+    Its block is laid out as bild.native's Layer (fused qkv and gate/up, no biases), initialised from big layer
+    `init_layer`; the output norm starts as the big model's final norm, the fc as [0; I] (the feature passes
+    through). `lm_head` is the big head (or a bild.draft.ReducedHead of it), so vocabulary checks see its size.
+    """
+
+    def __init__(self, big: nn.Module, head: nn.Module, init_layer: int = -1):
+        super().__init__()
+        cfg, inner = big.config, big.model
+        block = native._layer(inner.layers[init_layer], _shape_config(big), torch.float32)
+        self.config = cfg
+        self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.eps = inner.norm.variance_epsilon
+        self.embed_tokens = inner.embed_tokens  # shared, frozen
+        self.lm_head = head                     # shared rows, frozen
+        dim = cfg.hidden_size
+        self.fc = nn.Linear(2 * dim, dim)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.cat([torch.zeros(dim, dim), torch.eye(dim)], dim=1))
+            self.fc.bias.zero_()
+        own = lambda t: nn.Parameter(t.detach().float().clone())  # noqa: E731
+        self.attn_norm, self.wqkv, self.wo = own(block.attn_norm), own(block.wqkv), own(block.wo)
+        self.mlp_norm, self.w13, self.w2 = own(block.mlp_norm), own(block.w13), own(block.w2)
+        self.out_norm = own(inner.norm.weight)
+        cos, sin = native.rope_tables(inner.rotary_emb.inv_freq, inner.rotary_emb.attention_scaling,
+                                      native._context_length(cfg), torch.float32)
+        self.register_buffer("cos", cos, persistent=False)  # (S, D)
+        self.register_buffer("sin", sin, persistent=False)  # (S, D)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def forward(self, ids: Tensor, feats: Tensor) -> Tensor:
+        """ids (B, T), feats (B, T, dim) with feats[:, t] = f_{t-1} -> predicted features f̂ (B, T, dim)."""
+        u = self.fc(torch.cat([self.embed_tokens(ids), feats.to(self.fc.weight.dtype)], dim=-1))  # (B, T, dim)
+        h = u + self._attention(F.rms_norm(u, u.shape[-1:], self.attn_norm, self.eps))
+        gate_up = F.linear(F.rms_norm(h, h.shape[-1:], self.mlp_norm, self.eps), self.w13)  # (B, T, 2F)
+        gate, up = gate_up.chunk(2, dim=-1)  # (B, T, F) each
+        h = h + F.linear(F.silu(gate) * up, self.w2)
+        return F.rms_norm(h, h.shape[-1:], self.out_norm, self.eps)  # (B, T, dim)
+
+    def _attention(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        H, Hkv = self.n_heads, self.n_kv_heads
+        D = self.wo.shape[1] // H
+        qkv = F.linear(x, self.wqkv).view(B, T, H + 2 * Hkv, D)  # (B, T, H + 2 H_kv, D)
+        rope = (self.cos[:T].unsqueeze(1), self.sin[:T].unsqueeze(1))  # (T, 1, D) each
+        qk = native.apply_rope(qkv[:, :, :H + Hkv], *rope)  # (B, T, H + H_kv, D)
+        q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H, T, D), (B, H_kv, T, D)
+        v = qkv[:, :, H + Hkv:].transpose(1, 2)  # (B, H_kv, T, D)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, D)
+        return F.linear(y.transpose(1, 2).reshape(B, T, H * D), self.wo)  # (B, T, dim)
+
+    def logits(self, f: Tensor) -> Tensor:
+        """Head logits over the kept ids (reduced head) or the full vocabulary: (..., N)."""
+        head = self.lm_head
+        return head.reduced(f) if hasattr(head, "reduced") else head(f)
+
+
+def _shape_config(big: nn.Module) -> native.NativeConfig:
+    cfg = big.config
+    head_dim = big.model.layers[0].self_attn.q_proj.weight.shape[0] // cfg.num_attention_heads
+    return native.NativeConfig(
+        n_layers=1, dim=cfg.hidden_size, n_heads=cfg.num_attention_heads, n_kv_heads=cfg.num_key_value_heads,
+        head_dim=head_dim, ffn_dim=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+        max_length=native._context_length(cfg), norm_eps=big.model.norm.variance_epsilon)
+
+
+def check_big(big: nn.Module) -> None:
+    if not native.supports(big):
+        raise BildError(f"feature drafts need a LLaMA-family big model the native engine runs, "
+                        f"not {type(big).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def shifted(feats: Tensor) -> Tensor:
+    """(B, T, dim) features f_t -> the draft's inputs f_{t-1}, zeros at t = 0."""
+    return torch.cat([torch.zeros_like(feats[:, :1]), feats[:, :-1]], dim=1)
+
+
+def aligned_loss(draft: FeatureDraft, batch: dict, w_kd: float, w_ce: float, w_reg: float = 1.0,
+                 noise: float = 0.1) -> tuple[Tensor, dict, int]:
+    """Train on a padded teacher batch with features (bild.train.pad_batch):
+    token KD at every position with a target feature (cross-entropy to softmax(head(f_t))), sequence KD at the
+    continuation positions (cross-entropy to the big model's greedy token) and feature regression (smooth L1).
+    Input features get uniform noise of `noise` times their RMS, as in EAGLE, so the draft tolerates its own
+    slightly wrong f̂ while drafting several tokens."""
+    feats, valid = batch["feats"], batch["feat_mask"]  # (B, T, dim) targets f_t, (B, T) bool
+    inputs = shifted(feats)
+    if noise and draft.training:
+        scale = noise * feats[valid].float().pow(2).mean().sqrt()
+        inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * scale
+    f_hat = draft(batch["ids"], inputs)  # (B, T, dim)
+    with torch.no_grad():
+        teacher = draft.logits(feats[valid].float())  # (M, N)
+    logq = torch.log_softmax(draft.logits(f_hat[valid]).float(), dim=-1)  # (M, N)
+    kd = -(torch.softmax(teacher.float(), -1) * logq).sum(-1).mean()
+    reg = F.smooth_l1_loss(f_hat[valid].float(), feats[valid].float())
+    pos = batch["positions"]  # (M', 2) continuation positions
+    logq_c = torch.log_softmax(draft.logits(f_hat[pos[:, 0], pos[:, 1]]).float(), dim=-1)  # (M', N)
+    greedy = _columns(draft, batch["topi"][:, 0].long())
+    hit = greedy >= 0
+    ce = -logq_c[hit].gather(1, greedy[hit][:, None]).mean() if hit.any() else logq_c.new_zeros(())
+    loss = w_kd * kd + w_ce * ce + w_reg * reg
+    return loss, {"kd": kd.item(), "ce": ce.item(), "reg": reg.item()}, int(valid.sum())
+
+
+def _columns(draft: FeatureDraft, ids: Tensor) -> Tensor:
+    """Token ids -> their columns in the draft's head (-1 where a reduced head does not keep them)."""
+    kept = getattr(draft.lm_head, "kept", None)
+    if kept is None:
+        return ids
+    lookup = torch.full((draft.config.vocab_size,), -1, dtype=torch.long)
+    lookup[kept] = torch.arange(len(kept))
+    return lookup[ids]
+
+
+@torch.no_grad()
+def agreement(draft: FeatureDraft, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict:
+    """Held-out top-1 agreement with the big model's greedy tokens, teacher-forced on the big model's features:
+    what the first draft token of every round sees. Later draft tokens read the draft's own f̂; their acceptance
+    is measured end to end (bild bench: tokens per big call)."""
+    from .train import pad_batch
+    hits = total = 0
+    for b in range(0, len(examples), batch_size):
+        batch = pad_batch(examples[b:b + batch_size], pad_id)
+        pos = batch["positions"]  # (M, 2)
+        f_hat = draft(batch["ids"], shifted(batch["feats"].float()))  # (B, T, dim)
+        hits += (_full_argmax(draft, f_hat[pos[:, 0], pos[:, 1]]) == batch["topi"][:, 0].long()).sum().item()
+        total += len(pos)
+    return {"alpha": hits / max(total, 1), "positions": total}
+
+
+def _full_argmax(draft: FeatureDraft, f: Tensor) -> Tensor:
+    """Argmax over the full vocabulary (a reduced head never picks a token outside its kept ids)."""
+    logits = draft.logits(f)  # (M, N)
+    kept = getattr(draft.lm_head, "kept", None)
+    return logits.argmax(-1) if kept is None else kept[logits.argmax(-1)]
+
+
+# ----------------------------------------------------------------------------------------------- inference
+
+
+@dataclass(slots=True)
+class FeatureModel:
+    """The draft on the native engine: `model` is a 1-layer NativeModel (the big model's embedding, cos/sin and
+    head rows; the draft's block and output norm), `fc` the input projection over [emb(x_t); f_{t-1}]."""
+    model: native.NativeModel
+    fc: Tensor  # (dim, 2 dim), packed like the block's weights in bf16
+    fc_bias: Tensor  # (dim,)
+
+
+def to_native(draft: FeatureDraft, big: native.NativeModel) -> FeatureModel:
+    """Convert the trained module, sharing the big native model's embedding and rope tables (its dtype too)."""
+    dtype = big.dtype
+    w = lambda t: t.detach().to(dtype).contiguous()  # noqa: E731
+    layer = native.Layer(attn_norm=w(draft.attn_norm), wqkv=w(draft.wqkv), bqkv=None, wo=w(draft.wo), bo=None,
+                         mlp_norm=w(draft.mlp_norm), w13=w(draft.w13), b13=None, w2=w(draft.w2), b2=None)
+    head = draft.lm_head
+    kept = getattr(head, "kept", None)
+    rows = w(head.sub_weight) if kept is not None else big.head
+    config = native.NativeConfig(**{**_fields(big.config), "n_layers": 1})
+    model = native.NativeModel(config, big.embed, [layer], w(draft.out_norm), rows, big.cos, big.sin, kept)
+    fc = w(draft.fc.weight)
+    if big.layers[0].wqkv.is_mkldnn:  # the big model is packed: pack the draft alike
+        model = native.pack_weights(model)
+        fc = torch.ops.mkldnn._reorder_linear_weight(fc, native.PACK_BATCH_HINT)
+    return FeatureModel(model, fc, w(draft.fc.bias))
+
+
+def _fields(config: native.NativeConfig) -> dict:
+    return {name: getattr(config, name) for name in config.__slots__}
+
+
+@torch.inference_mode()
+def feature_forward(fm: FeatureModel, cache: native.KVCache, ids: Tensor, feats: Tensor, start: int,
+                    keep: int) -> tuple[Tensor, Tensor]:
+    """ids (T,) and their input features feats (T, dim) = f_{t-1} at positions start..start+T-1
+    -> float32 logits (keep, V) of the last `keep` positions and the predicted features f̂ (T, dim)."""
+    model = fm.model
+    u = native.linear(torch.cat([F.embedding(ids, model.embed), feats], dim=-1), fm.fc, fm.fc_bias)  # (T, dim)
+    f_hat = native.final_norm(model, native.blocks(model, cache, u, start))  # (T, dim)
+    return native.project(model, f_hat[ids.shape[0] - keep:]), f_hat
+
+
+class FeatureRunner:
+    """The decoding loop's runner interface over a FeatureModel, reading the big runner's recorded features.
+
+    Position t's input feature is f_{t-1}: the big model's where it has run over position t-1, else the
+    draft's own f̂_{t-1} (which exists only for the position just before, fed one token at a time). Cache
+    entries built from an own f̂ are provisional: `crop` never keeps them, so after every verification the
+    draft re-reads those positions with the big model's features (one forward over the catch-up tokens)."""
+
+    needs_big = True  # cannot decode alone: policy "little" is refused
+
+    def __init__(self, fm: FeatureModel, big: native.NativeRunner):
+        self.fm, self.big = fm, big
+        self.vocab_size = fm.model.config.vocab_size
+        self.max_length = big.max_length
+        self.cache = native.allocate_cache(fm.model.config, self.max_length, fm.model.dtype)
+        self.own = torch.zeros(self.max_length, fm.model.config.dim, dtype=fm.model.dtype)  # f̂ per position
+        self.big_features = big.record_features()  # (S, dim)
+        self.length = 0
+        self.exact = 0  # cache positions 0..exact-1 were all built from the big model's features
+
+    @classmethod
+    def attach(cls, draft: FeatureDraft, big) -> FeatureRunner:
+        if not isinstance(big, native.NativeRunner):
+            raise BildError("a feature draft reads the big model's features from the native engine; "
+                            "use engine auto or native with a LLaMA-family big model")
+        return cls(to_native(draft, big.model), big)
+
+    def start(self, prompt_ids: list[int]) -> list[int]:
+        self.length = self.exact = 0
+        return list(prompt_ids)
+
+    def forward(self, ids: list[int], keep: int = 1) -> Tensor:
+        start, end = self.length, self.length + len(ids)
+        if not 1 <= keep <= len(ids) or end > self.max_length:
+            raise ValueError(f"bad feed: {len(ids)} tokens at {start}, keep {keep}, cache {self.max_length}")
+        own_fed = start >= 1 and start - 1 >= self.big.length  # position `start` reads the draft's own f̂
+        if end - 2 >= max(self.big.length, start):
+            raise BildError("a feature draft runs ahead of the big model one token at a time")
+        logits, f_hat = feature_forward(self.fm, self.cache, torch.tensor(ids), self._inputs(start, end, own_fed),
+                                        start, keep)
+        self.own[start:end] = f_hat
+        self.exact = min(self.exact, start) if own_fed or start > self.exact else end
+        self.length = end
+        return logits
+
+    def _inputs(self, start: int, end: int, own_fed: bool) -> Tensor:
+        """f_{t-1} for t in start..end-1 -> (T, dim): zeros at t = 0, the draft's own f̂ at t = start when
+        own_fed, the big model's recorded features everywhere else."""
+        feats = torch.zeros(end - start, self.fm.model.config.dim, dtype=self.fm.model.dtype)  # (T, dim)
+        lo = start + int(own_fed or start == 0)
+        feats[lo - start:] = self.big_features[lo - 1:end - 1]
+        if own_fed:
+            feats[0] = self.own[start - 1]
+        return feats
+
+    def crop(self, n: int) -> None:
+        if n < 0:
+            raise ValueError(f"cannot crop to {n} tokens")
+        self.length = min(n, self.length, self.exact)

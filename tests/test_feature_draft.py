@@ -1,0 +1,154 @@
+"""Feature drafts (EAGLE-style, bild/feature_draft.py): lossless decoding, the native forward matches the trained
+module, provisional cache entries are re-read after verification, training and saving work, misuse fails clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bild import BigLittle, BildError
+from bild import native
+from bild.draft import DraftRecipe, build_draft, load_draft, save_draft
+from bild.feature_draft import FeatureDraft, FeatureRunner, shifted
+from bild.train import TeacherConfig, TrainConfig, agreement, teacher_generator, train
+from conftest import tiny_llama
+from test_lossless import (SAMPLING, assert_matches, empirical, exact_two_token_distribution, random_prompts)
+
+
+@pytest.fixture(scope="module")
+def big():
+    return tiny_llama(0, layers=2)
+
+
+def teacher_examples(big, tok, tmp, n: int, seed: int) -> list[dict]:
+    generate = teacher_generator(big, tok, TeacherConfig(out_dir=str(tmp), max_new_tokens=16, top_k=4,
+                                                         features=True, dtype=torch.float32))
+    return generate(random_prompts(n, seed=seed))
+
+
+@pytest.fixture(scope="module")
+def trained(big, tok, tmp_path_factory):
+    """A feature draft trained for a few seconds on the tiny big model's own greedy outputs and features."""
+    tmp = tmp_path_factory.mktemp("feature-draft")
+    examples, heldout = teacher_examples(big, tok, tmp, 96, seed=11), teacher_examples(big, tok, tmp, 16, seed=12)
+    draft = build_draft(big, DraftRecipe(kind="feature", n_layers=1))
+    before = agreement(draft, heldout, pad_id=0)["alpha"]
+    train(draft, big, TrainConfig(out_dir=str(tmp / "run"), lr=3e-3, max_steps=400, batch_size=8, warmup_steps=5,
+                                  autocast=False, threads=1, max_minutes=5), examples=examples, pad_id=0)
+    return draft, before, agreement(draft, heldout, pad_id=0)["alpha"]
+
+
+def test_training_raises_held_out_agreement(trained):
+    _, before, after = trained
+    assert after > before + 0.2 and after > 0.5
+
+
+@pytest.fixture(scope="module")
+def pair(big, trained, tok):
+    return BigLittle(big, trained[0], tok, engine="native")
+
+
+@pytest.fixture(scope="module")
+def ar_outputs(pair):
+    return [pair.generate(p, policy="ar", max_new_tokens=24).token_ids for p in random_prompts(40)]
+
+
+@pytest.mark.parametrize("gamma", [1, 4, 8])
+def test_greedy_speculative_equals_ar(pair, ar_outputs, gamma):
+    accepted = drafted = 0
+    for prompt, expected in zip(random_prompts(40), ar_outputs):
+        res = pair.generate(prompt, policy="speculative", gamma=gamma, fallback=0.0, max_new_tokens=24)
+        assert res.token_ids == expected
+        accepted, drafted = accepted + sum(res.stats.accepted), drafted + sum(res.stats.drafted)
+    assert accepted > 0  # the drafts were really used, not all rejected
+
+
+def test_greedy_bild_with_zero_rollback_equals_ar(pair, ar_outputs):
+    for prompt, expected in zip(random_prompts(40), ar_outputs):
+        assert pair.generate(prompt, policy="bild", rollback=0.0, max_new_tokens=24).token_ids == expected
+
+
+@pytest.mark.parametrize("policy,extra", [("speculative", dict(gamma=3, fallback=0.0)),
+                                          ("bild", dict(rollback=0.0, fallback=0.0))])
+def test_sampling_matches_big_distribution(tok, policy, extra):
+    big = tiny_llama(3, vocab=8, head_scale=0.15)
+    bl = BigLittle(big, build_draft(big, DraftRecipe(kind="feature", n_layers=1)), tok, engine="native")
+    bl.eos_ids = set()  # token 2 is an ordinary token in this 8-token vocabulary
+    prompt = [1, 4, 5]
+    samples = [tuple(bl.generate(prompt, policy=policy, max_new_tokens=2, seed=s, **SAMPLING, **extra).token_ids)
+               for s in range(4000)]
+    assert_matches(empirical(samples), exact_two_token_distribution(big, prompt))
+
+
+def test_native_forward_matches_the_trained_module(big, trained):
+    """Runner logits over a prompt (big-model features) equal the module's on the same inputs (fp32)."""
+    draft = trained[0]
+    big_runner = native.NativeRunner.from_hf(big, dtype=torch.float32)
+    little = FeatureRunner.attach(draft, big_runner)
+    prompt = [1, 7, 9, 30, 4, 55, 6]
+    big_runner.start(prompt)
+    big_runner.forward(prompt)
+    little.start(prompt)
+    got = little.forward(prompt, keep=len(prompt))  # (T, V)
+    feats = big_runner.features[:len(prompt)].unsqueeze(0)  # (1, T, dim)
+    with torch.no_grad():
+        want = draft.logits(draft(torch.tensor([prompt]), shifted(feats)))[0]  # (T, V)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_entries_built_from_own_features_are_reread_after_verification(big, trained):
+    """Drafting ahead uses the draft's own f̂; after the big model verifies those positions, crop drops them and
+    the next forward re-reads them with the big model's features: logits equal a fresh runner's."""
+    big_runner = native.NativeRunner.from_hf(big, dtype=torch.float32)
+    little = FeatureRunner.attach(trained[0], big_runner)
+    prompt, drafts = [1, 7, 9, 30], [40, 41, 42]
+    big_runner.start(prompt)
+    little.start(prompt)
+    big_runner.forward(prompt)
+    little.forward(prompt + drafts[:1])
+    for t in drafts[1:]:
+        little.forward([t])  # ahead of the big model: own features
+    assert little.exact == len(prompt) + 1
+    big_runner.forward(drafts)  # verification over the drafts
+    little.crop(len(prompt) + len(drafts))
+    assert little.length == len(prompt) + 1
+    after = little.forward(drafts[1:] + [43])  # (1, V)
+
+    fresh_big = native.NativeRunner.from_hf(big, dtype=torch.float32)
+    fresh = FeatureRunner.attach(trained[0], fresh_big)
+    fresh_big.start(prompt)
+    fresh_big.forward(prompt + drafts)
+    fresh.start(prompt)
+    torch.testing.assert_close(after, fresh.forward(prompt + drafts + [43]), atol=1e-5, rtol=1e-5)
+
+
+def test_save_and_load_round_trip(big, trained, tmp_path):
+    draft = trained[0]
+    save_draft(draft, big, DraftRecipe(kind="feature", n_layers=1, init_layers=[1]), str(tmp_path))
+    loaded = load_draft(str(tmp_path), big)
+    assert isinstance(loaded, FeatureDraft)
+    for (name, a), b in zip(draft.named_parameters(), loaded.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_feature_draft_cannot_decode_alone_or_without_the_native_engine(big, trained, tok, pair):
+    with pytest.raises(BildError, match="cannot decode alone"):
+        pair.generate([1, 5, 6], policy="little", max_new_tokens=4)
+    with pytest.raises(BildError, match="native engine"):
+        BigLittle(big, trained[0], tok, engine="hf")
+
+
+def test_running_ahead_by_more_than_one_token_is_refused(big, trained):
+    big_runner = native.NativeRunner.from_hf(big, dtype=torch.float32)
+    little = FeatureRunner.attach(trained[0], big_runner)
+    big_runner.start([1, 5])
+    big_runner.forward([1, 5])
+    little.start([1, 5])
+    little.forward([1, 5, 9])  # position 2 reads f_1, which the big model has
+    with pytest.raises(BildError, match="one token at a time"):
+        little.forward([10, 11])  # position 4 would need f̂_3, not computed yet
+
+
+def test_feature_recipe_has_one_layer():
+    with pytest.raises(ValueError, match="exactly 1 layer"):
+        DraftRecipe(kind="feature", n_layers=2)
