@@ -99,6 +99,10 @@ def _teacher_args(p, split: str) -> None:
     p.add_argument("--max-shards", type=int, default=None, help="stop after this many shards")
     p.add_argument("--features", action="store_true",
                    help="also store the big model's final hidden states (training data for feature drafts)")
+    p.add_argument("--source", choices=("aligned", "text"), default="aligned",
+                   help="aligned: the big model's greedy continuations of prompts; text: one prefill over "
+                        "calibration ShareGPT text (--text-tokens of it), no generation")
+    p.add_argument("--text-tokens", type=int, default=1_000_000)
     p.add_argument("--engine", choices=("auto", "native", "hf"), default="auto",
                    help="auto: batched native bf16 where supported (LLaMA family), else the HF model")
     p.add_argument("--threads", type=int, default=2)
@@ -187,7 +191,8 @@ def cmd_teacher(args) -> None:
                                                       max_new_tokens=args.max_new_tokens,
                                                       batch_size=args.batch_size, top_k=args.top_k,
                                                       max_shards=args.max_shards, engine=args.engine,
-                                                      features=args.features))
+                                                      features=args.features, source=args.source,
+                                                      text_tokens=args.text_tokens))
 
 
 def _train_config(args, out_dir: str):

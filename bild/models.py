@@ -200,6 +200,11 @@ def describe_little(spec: str | None) -> str:
     if spec is not None and draft.is_draft_dir(spec):
         recipe = draft.read_recipe(spec)
         alpha = (recipe.metrics or {}).get("alpha")
+        if recipe.kind == "feature":
+            return (f"feature draft {spec} (1 layer reading the big model's hidden states"
+                    + (f", head over {recipe.vocab_size} tokens" if recipe.vocab_size else "")
+                    + (f", held-out top-1 agreement of its first token {alpha:.2f}" if isinstance(alpha, float) else "")
+                    + ")")
         return (f"trained draft {spec} ({recipe.n_layers} layers"
                 + (f", head over {recipe.vocab_size} tokens" if recipe.vocab_size else "")
                 + (f", held-out top-1 agreement {alpha:.2f}" if isinstance(alpha, float) else "") + ")")

@@ -1,4 +1,4 @@
-"""Training little models: token-level KD and BiLD prediction alignment, on CPU with bf16 autocast.
+"""Training little models: token-level KD and BiLD prediction alignment, on CPU (bf16 autocast where native).
 
 Two data sources share one training loop:
 
@@ -44,6 +44,8 @@ class TeacherConfig:
     engine: str = "auto"              # native (batched, bf16 where supported: the model users decode with) | hf
     dtype: torch.dtype | None = None  # native only; None: bf16 where the CPU has it, else fp32
     features: bool = False            # native only: also keep the big model's final normed hidden states
+    source: str = "aligned"           # aligned: greedy continuations of prompts | text: calibration ShareGPT text
+    text_tokens: int = 1_000_000      # text: how many tokens, cut into max_prompt_tokens-long chunks
 
     def __post_init__(self):
         if self.split not in ("calibration", "heldout"):
@@ -52,6 +54,8 @@ class TeacherConfig:
             raise ValueError(f"engine must be auto, native or hf, got {self.engine!r}")
         if self.features and self.engine == "hf":
             raise ValueError("features come from the native engine; use engine auto or native")
+        if self.source not in ("aligned", "text"):
+            raise ValueError(f"source must be aligned or text, got {self.source!r}")
 
 
 def encode_prompts(tokenizer, prompts, max_tokens: int) -> list[list[int]]:
@@ -124,15 +128,50 @@ def _example(prompt: list[int], generated: torch.Tensor, topv, topi, eos: int) -
     return {"ids": ids, "start": len(prompt) - 1, "topv": topv[:n].clone(), "topi": topi[:n].clone()}
 
 
+def text_teacher(big, cfg: TeacherConfig):
+    """-> fn(chunks) -> examples over text itself: one native prefill per chunk gives the big model's top-k logits
+    and (with cfg.features) its features at every position; no generation. Examples have start 0, and their
+    targets are the big model's predictions, not the text's next tokens."""
+    from . import native
+    model = native.from_hf(big, cfg.dtype)
+    width = cfg.max_prompt_tokens
+    cache = native.allocate_cache(model.config, width, model.dtype)
+    feats = torch.empty(width, model.config.dim, dtype=model.dtype)
+
+    def run(chunks: list[list[int]]) -> list[dict]:
+        out = []
+        for ids in chunks:
+            n = len(ids) - 1  # position j predicts ids[j + 1]
+            logits = native.forward(model, cache, torch.tensor(ids), 0, len(ids), feats)[:n]  # (n, V)
+            topv, topi = logits.topk(cfg.top_k, dim=-1)  # (n, k) each
+            example = {"ids": torch.tensor(ids), "start": 0, "topv": topv.half(), "topi": topi.int()}
+            if cfg.features:
+                example["feats"] = feats[:n].bfloat16()  # (n, dim)
+            out.append(example)
+        return out
+    return run
+
+
+def teacher_inputs(tokenizer, cfg: TeacherConfig) -> list[list[int]]:
+    """What one teacher example starts from: chat-templated prompts, or chunks of calibration text."""
+    from . import data
+    if cfg.source == "text":
+        if cfg.split != "calibration":
+            raise ValueError("text teacher caches are for training: use the calibration split")
+        stream = text_token_stream(tokenizer, cfg.text_tokens)[:cfg.text_tokens]
+        width = cfg.max_prompt_tokens
+        return [stream[i:i + width] for i in range(0, len(stream) - width + 1, width)]
+    source = data.calibration_prompts if cfg.split == "calibration" else data.heldout_prompts
+    return encode_prompts(tokenizer, source(cfg.n_prompts), cfg.max_prompt_tokens)
+
+
 def build_teacher_cache(big, tokenizer, cfg: TeacherConfig) -> str:
     """Write shards of teacher examples to cfg.out_dir; resumable (existing shards are skipped)."""
-    from . import data
     os.makedirs(cfg.out_dir, exist_ok=True)
-    source = data.calibration_prompts if cfg.split == "calibration" else data.heldout_prompts
-    prompts = encode_prompts(tokenizer, source(cfg.n_prompts), cfg.max_prompt_tokens)
+    prompts = teacher_inputs(tokenizer, cfg)
     per_shard = cfg.batch_size * cfg.shard_batches
     n_shards = min((len(prompts) + per_shard - 1) // per_shard, cfg.max_shards or 10**9)
-    generate = teacher_generator(big, tokenizer, cfg)
+    generate = text_teacher(big, cfg) if cfg.source == "text" else teacher_generator(big, tokenizer, cfg)
     for s in tqdm(range(n_shards), desc=f"teacher {cfg.split}", unit="shard"):
         path = os.path.join(cfg.out_dir, f"shard_{s:04d}.pt")
         if os.path.exists(path):
@@ -174,7 +213,7 @@ class TrainConfig:
     ckpt_every_minutes: float = 5.0
     seed: int = 0
     threads: int = 2
-    autocast: bool = True              # bf16 autocast on CPU
+    autocast: bool | None = None       # bf16 autocast on CPU; None: where the CPU has native bf16 (else emulated, slow)
 
     def __post_init__(self):
         if self.lr <= 0 or self.batch_size < 1:
@@ -348,6 +387,7 @@ def train(draft, big, cfg: TrainConfig, examples: list[dict] | None = None, held
     `reload_examples() -> examples`, if given, is called at each epoch boundary so a teacher cache that is
     still being generated in the background grows into the training data.
     """
+    from . import native
     from .draft import trainable_parameters
     os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -359,6 +399,7 @@ def train(draft, big, cfg: TrainConfig, examples: list[dict] | None = None, held
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
     state = resume(cfg, draft, big, optimizer)
+    autocast = native.bf16_supported() if cfg.autocast is None else cfg.autocast
     lookup = vocab_lookup(draft, big.config.vocab_size)
     log = _Log(os.path.join(cfg.out_dir, "log.jsonl"))
     log.write(event="start", step=state.step, tokens=state.tokens, config=_plain(cfg))
@@ -382,7 +423,7 @@ def train(draft, big, cfg: TrainConfig, examples: list[dict] | None = None, held
                 log.write(event="epoch", epoch=state.epoch, step=state.step, examples=len(examples))
                 batches = epoch_batches(examples, cfg.batch_size, cfg.seed, state.epoch)
             batch = pad_batch([examples[i] for i in batches[state.batch_in_epoch]], pad_id)  # outside autocast
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             if aligned:
                 loss, parts, n_tokens = _aligned_step(draft, batch, lookup, cfg)
             else:

@@ -152,3 +152,20 @@ def test_running_ahead_by_more_than_one_token_is_refused(big, trained):
 def test_feature_recipe_has_one_layer():
     with pytest.raises(ValueError, match="exactly 1 layer"):
         DraftRecipe(kind="feature", n_layers=2)
+
+
+def test_text_teacher_gives_the_big_models_predictions_and_features(big):
+    """Text caches: one prefill per chunk; targets are the big model's top-k at every position (not the text's
+    next token), features are its final normed hidden states."""
+    from bild.train import text_teacher
+    chunk = [1, 7, 9, 30, 4, 55, 6, 21]
+    (example,) = text_teacher(big, TeacherConfig(out_dir="unused", top_k=3, features=True, dtype=torch.float32,
+                                                 source="text", max_prompt_tokens=16))([chunk])
+    runner = native.NativeRunner.from_hf(big, dtype=torch.float32)
+    runner.record_features()
+    runner.start(chunk)
+    logits = runner.forward(chunk, keep=len(chunk))  # (T, V)
+    assert example["start"] == 0 and example["ids"].tolist() == chunk
+    assert example["topi"].shape == (len(chunk) - 1, 3)
+    assert example["topi"][:, 0].tolist() == logits[:-1].argmax(-1).tolist()
+    torch.testing.assert_close(example["feats"], runner.features[:len(chunk) - 1].bfloat16())
