@@ -117,11 +117,12 @@ def shifted(feats: Tensor) -> Tensor:
     return torch.cat([torch.zeros_like(feats[:, :1]), feats[:, :-1]], dim=1)
 
 
-def aligned_loss(draft: FeatureDraft, batch: dict, w_kd: float, w_ce: float, w_reg: float = 1.0,
-                 noise: float = 0.1) -> tuple[Tensor, dict, int]:
+def aligned_loss(draft: FeatureDraft, batch: dict, lookup: Tensor | None, w_kd: float, w_ce: float,
+                 w_reg: float = 1.0, noise: float = 0.1) -> tuple[Tensor, dict, int]:
     """Train on a padded teacher batch with features (bild.train.pad_batch):
     token KD at every position with a target feature (cross-entropy to softmax(head(f_t))), sequence KD at the
     continuation positions (cross-entropy to the big model's greedy token) and feature regression (smooth L1).
+    lookup: token id -> column of a reduced head (bild.train.vocab_lookup), or None for a full head.
     Input features get uniform noise of `noise` times their RMS, as in EAGLE, so the draft tolerates its own
     slightly wrong f̂ while drafting several tokens."""
     feats, valid = batch["feats"], batch["feat_mask"]  # (B, T, dim) targets f_t, (B, T) bool
@@ -137,21 +138,11 @@ def aligned_loss(draft: FeatureDraft, batch: dict, w_kd: float, w_ce: float, w_r
     reg = F.smooth_l1_loss(f_hat[valid].float(), feats[valid].float())
     pos = batch["positions"]  # (M', 2) continuation positions
     logq_c = torch.log_softmax(draft.logits(f_hat[pos[:, 0], pos[:, 1]]).float(), dim=-1)  # (M', N)
-    greedy = _columns(draft, batch["topi"][:, 0].long())
+    greedy = batch["topi"][:, 0].long() if lookup is None else lookup[batch["topi"][:, 0].long()]  # (M',)
     hit = greedy >= 0
     ce = -logq_c[hit].gather(1, greedy[hit][:, None]).mean() if hit.any() else logq_c.new_zeros(())
     loss = w_kd * kd + w_ce * ce + w_reg * reg
     return loss, {"kd": kd.item(), "ce": ce.item(), "reg": reg.item()}, int(valid.sum())
-
-
-def _columns(draft: FeatureDraft, ids: Tensor) -> Tensor:
-    """Token ids -> their columns in the draft's head (-1 where a reduced head does not keep them)."""
-    kept = getattr(draft.lm_head, "kept", None)
-    if kept is None:
-        return ids
-    lookup = torch.full((draft.config.vocab_size,), -1, dtype=torch.long)
-    lookup[kept] = torch.arange(len(kept))
-    return lookup[ids]
 
 
 @torch.no_grad()

@@ -460,7 +460,7 @@ def train(draft, big, cfg: TrainConfig, examples: list[dict] | None = None, held
 def _aligned_step(draft, batch: dict, lookup, cfg: TrainConfig) -> tuple[torch.Tensor, dict, int]:
     from . import feature_draft
     if isinstance(draft, feature_draft.FeatureDraft):
-        return feature_draft.aligned_loss(draft, batch, cfg.w_kd, cfg.w_ce)
+        return feature_draft.aligned_loss(draft, batch, lookup, cfg.w_kd, cfg.w_ce)
     logits = student_logits(draft, batch["ids"], batch["positions"])
     loss, parts = topk_kd_loss(logits, batch["topv"], batch["topi"], batch["topi"][:, 0], lookup, cfg.w_kd, cfg.w_ce)
     return loss, parts, len(batch["positions"])
