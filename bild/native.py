@@ -480,7 +480,8 @@ def greedy_batch(model: NativeModel, prompts: list[list[int]], max_new_tokens: i
         raise ValueError(f"{int(pos.max())} prompt + {max_new_tokens} new tokens exceed the model's "
                          f"{model.config.max_length} positions")
     cache = allocate_batch_cache(model.config, len(prompts), int(pos.max()) + max_new_tokens, model.dtype)
-    prefill = [torch.empty(len(p), model.config.dim, dtype=model.dtype) for p in prompts]  # P_b x (P_b, dim)
+    prefill = [torch.empty(len(p), model.config.dim, dtype=model.dtype) if features else None
+               for p in prompts]  # P_b x (P_b, dim)
     first = [forward(model, _row(cache, b), torch.tensor(p), 0, 1, prefill[b]) for b, p in enumerate(prompts)]
     steps = [torch.cat(first).topk(top_k, dim=-1)]  # values, ids: (B, k) each
     fed = []  # per step (B, dim)
@@ -494,6 +495,6 @@ def greedy_batch(model: NativeModel, prompts: list[list[int]], max_new_tokens: i
         pos = pos + 1
     out = GreedyBatch(torch.stack([s.values for s in steps], 1), torch.stack([s.indices for s in steps], 1))
     if features:
-        later = torch.stack(fed, 1) if fed else prefill[0].new_empty(len(prompts), 0, model.config.dim)  # (B, S-1, dim)
+        later = torch.stack(fed, 1) if fed else torch.empty(len(prompts), 0, model.config.dim, dtype=model.dtype)
         out.features = [torch.cat([prefill[b], later[b]]) for b in range(len(prompts))]
     return out

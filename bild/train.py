@@ -84,7 +84,7 @@ def teacher_generator(big, tokenizer, cfg: TeacherConfig):
         examples = [_example(p, out.topi[b, :, 0], out.topv[b].half(), out.topi[b].int(), eos)
                     for b, p in enumerate(prompts)]  # topv, topi (B, S, k)
         for e, f in zip(examples, out.features or []):
-            e["feats"] = f[:len(e["ids"]) - 1].bfloat16()  # (L - 1, dim): position j's feature predicts ids[j + 1]
+            e["feats"] = f[:len(e["ids"]) - 1].to(torch.bfloat16, copy=True)  # (L - 1, dim): row j predicts ids[j + 1]
         return examples
     return generate
 
@@ -146,7 +146,7 @@ def text_teacher(big, cfg: TeacherConfig):
             topv, topi = logits.topk(cfg.top_k, dim=-1)  # (n, k) each
             example = {"ids": torch.tensor(ids), "start": 0, "topv": topv.half(), "topi": topi.int()}
             if cfg.features:
-                example["feats"] = feats[:n].bfloat16()  # (n, dim)
+                example["feats"] = feats[:n].to(torch.bfloat16, copy=True)  # (n, dim); feats is reused
             out.append(example)
         return out
     return run

@@ -169,3 +169,17 @@ def test_text_teacher_gives_the_big_models_predictions_and_features(big):
     assert example["topi"].shape == (len(chunk) - 1, 3)
     assert example["topi"][:, 0].tolist() == logits[:-1].argmax(-1).tolist()
     torch.testing.assert_close(example["feats"], runner.features[:len(chunk) - 1].bfloat16())
+
+
+def test_aligned_teacher_features_match_single_sequence_decoding(big, tok, tmp_path):
+    """Batched greedy teacher (rows of different lengths): features of prompt and continuation equal those of
+    one sequence run alone (fp32, up to batched-attention rounding)."""
+    examples = teacher_examples(big, tok, tmp_path, 3, seed=21)
+    runner = native.NativeRunner.from_hf(big, dtype=torch.float32)
+    runner.record_features()
+    for e in examples:
+        ids = e["ids"].tolist()
+        runner.start(ids)
+        runner.forward(ids[:-1])
+        assert e["feats"].shape == (len(ids) - 1, big.config.hidden_size)
+        torch.testing.assert_close(e["feats"].float(), runner.features[:len(ids) - 1].bfloat16().float())
