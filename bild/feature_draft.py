@@ -119,30 +119,24 @@ def shifted(feats: Tensor) -> Tensor:
 
 def aligned_loss(draft: FeatureDraft, batch: dict, lookup: Tensor | None, w_kd: float, w_ce: float,
                  w_reg: float = 1.0, noise: float = 0.1) -> tuple[Tensor, dict, int]:
-    """Train on a padded teacher batch with features (bild.train.pad_batch):
-    token KD at every position with a target feature (cross-entropy to softmax(head(f_t))), sequence KD at the
-    continuation positions (cross-entropy to the big model's greedy token) and feature regression (smooth L1).
+    """Train on a padded teacher batch with features (bild.train.pad_batch): the shallow drafts' loss on the
+    teacher's cached top-k (bild.train.topk_kd_loss: token KD + sequence KD, one pass of the head) plus smooth-L1
+    regression of f̂ onto the big model's features at every position that has one.
     lookup: token id -> column of a reduced head (bild.train.vocab_lookup), or None for a full head.
     Input features get uniform noise of `noise` times their RMS, as in EAGLE, so the draft tolerates its own
     slightly wrong f̂ while drafting several tokens."""
+    from .train import topk_kd_loss
     feats, valid = batch["feats"], batch["feat_mask"]  # (B, T, dim) targets f_t, (B, T) bool
     inputs = shifted(feats)
     if noise and draft.training:
         scale = noise * feats[valid].float().pow(2).mean().sqrt()
         inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * scale
     f_hat = draft(batch["ids"], inputs)  # (B, T, dim)
-    with torch.no_grad():
-        teacher = draft.logits(feats[valid].float())  # (M, N)
-    logq = torch.log_softmax(draft.logits(f_hat[valid]).float(), dim=-1)  # (M, N)
-    kd = -(torch.softmax(teacher.float(), -1) * logq).sum(-1).mean()
+    pos = batch["positions"]  # (M, 2) positions with teacher logits
+    logits = draft.logits(f_hat[pos[:, 0], pos[:, 1]])  # (M, N)
+    loss, parts = topk_kd_loss(logits, batch["topv"], batch["topi"], batch["topi"][:, 0], lookup, w_kd, w_ce)
     reg = F.smooth_l1_loss(f_hat[valid].float(), feats[valid].float())
-    pos = batch["positions"]  # (M', 2) continuation positions
-    logq_c = torch.log_softmax(draft.logits(f_hat[pos[:, 0], pos[:, 1]]).float(), dim=-1)  # (M', N)
-    greedy = batch["topi"][:, 0].long() if lookup is None else lookup[batch["topi"][:, 0].long()]  # (M',)
-    hit = greedy >= 0
-    ce = -logq_c[hit].gather(1, greedy[hit][:, None]).mean() if hit.any() else logq_c.new_zeros(())
-    loss = w_kd * kd + w_ce * ce + w_reg * reg
-    return loss, {"kd": kd.item(), "ce": ce.item(), "reg": reg.item()}, int(valid.sum())
+    return loss + w_reg * reg, {**parts, "reg": reg.item()}, len(pos)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ def big():
 
 
 def teacher_examples(big, tok, tmp, n: int, seed: int) -> list[dict]:
-    generate = teacher_generator(big, tok, TeacherConfig(out_dir=str(tmp), max_new_tokens=16, top_k=4,
+    generate = teacher_generator(big, tok, TeacherConfig(out_dir=str(tmp), max_new_tokens=16, top_k=16,
                                                          features=True, dtype=torch.float32))
     return generate(random_prompts(n, seed=seed))
 
@@ -33,7 +33,7 @@ def trained(big, tok, tmp_path_factory):
     examples, heldout = teacher_examples(big, tok, tmp, 96, seed=11), teacher_examples(big, tok, tmp, 16, seed=12)
     draft = build_draft(big, DraftRecipe(kind="feature", n_layers=1))
     before = agreement(draft, heldout, pad_id=0)["alpha"]
-    train(draft, big, TrainConfig(out_dir=str(tmp / "run"), lr=3e-3, max_steps=400, batch_size=8, warmup_steps=5,
+    train(draft, big, TrainConfig(out_dir=str(tmp / "run"), lr=3e-3, max_steps=600, batch_size=8, warmup_steps=5,
                                   autocast=False, threads=1, max_minutes=5), examples=examples, pad_id=0)
     return draft, before, agreement(draft, heldout, pad_id=0)["alpha"]
 
