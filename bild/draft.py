@@ -7,8 +7,9 @@ rotary module and LM head are the big model's own objects (shared, frozen, never
                 `init="spread"`: evenly spaced from 0 to the last), plus a trainable copy of the final norm.
 - "early_exit": the big model's first K layers (shared objects, frozen) + one trainable exit layer
                 (initialised from a chosen big layer) + a trainable final norm.
-- "feature":    one trainable layer that also reads the big model's final hidden states (EAGLE); not an HF
+- "feature":    K trainable layers that also read the big model's final hidden states (EAGLE); not an HF
                 model but a bild.feature_draft.FeatureDraft, run by the native engine beside the big model.
+                `init_draft` names a trained shallow draft it started from (copied at build time only).
 
 Either may use a reduced-vocabulary head over the N most frequent tokens: its logits are -inf outside
 the kept ids, so the draft distribution has zero mass there and verification stays lossless.
@@ -40,13 +41,14 @@ INITS = ("first", "spread")
 class DraftRecipe:
     kind: str = "shallow"
     big: str = "smollm2-135m"          # how to load the big model (alias, path or hub id)
-    n_layers: int = 2                  # shallow: trainable layers; early_exit: shared big layers before the exit;
-                                       # feature: 1
+    n_layers: int = 2                  # shallow, feature: trainable layers; early_exit: shared big layers before
+                                       # the exit
     init: str = "spread"               # shallow: which big layers initialise the draft's layers
     init_layers: list[int] = field(default_factory=list)   # resolved big layer ids (filled by resolve_layers)
     exit_init: int = -1                # early_exit: big layer that initialises the exit layer (-1: the last)
     vocab_size: int | None = None      # reduced head over this many frequent tokens (None: full vocabulary)
     vocab_file: str | None = None
+    init_draft: str | None = None      # feature: the shallow draft whose layers, norm and head it started from
     metrics: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -56,8 +58,6 @@ class DraftRecipe:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {self.n_layers}")
-        if self.kind == "feature" and self.n_layers != 1:
-            raise ValueError(f"a feature draft has exactly 1 layer, got {self.n_layers}")
 
 
 def resolve_layers(recipe: DraftRecipe, n_big: int) -> list[int]:
@@ -117,7 +117,7 @@ def build_draft(big: nn.Module, recipe: DraftRecipe, kept_ids: torch.Tensor | No
         from .feature_draft import FeatureDraft, check_big
         check_big(big)
         reduced = head if kept_ids is None else ReducedHead(head, kept_ids, big.config.vocab_size)
-        return FeatureDraft(big, reduced, recipe.init_layers[0]).eval()
+        return FeatureDraft(big, reduced, recipe.init_layers).eval()
     if recipe.kind == "shallow":
         layers = [copy.deepcopy(_layers(big)[i]) for i in recipe.init_layers]
     else:  # shared first layers (big objects) + a trainable exit layer

@@ -79,7 +79,11 @@ def add_commands(subparsers) -> None:
 def _recipe_args(p) -> None:
     p.add_argument("--big", default=DEFAULT_BIG)
     p.add_argument("--kind", choices=("shallow", "early_exit", "feature"), default="shallow",
-                   help="feature: 1 layer reading the big model's features (EAGLE); needs a teacher with --features")
+                   help="feature: layers that also read the big model's features (EAGLE); train on a teacher cache "
+                        "made with --features")
+    p.add_argument("--init-draft", default=None,
+                   help="feature: start from this trained shallow draft (its layers, norm and head; fc passes the "
+                        "token embedding through, so training starts from that draft's agreement)")
     p.add_argument("--layers", type=int, default=2, help="trainable layers (shallow) or shared layers (early exit)")
     p.add_argument("--init", choices=("first", "spread"), default="spread")
     p.add_argument("--init-layers", default="", help="explicit big layer ids, e.g. 0,29")
@@ -149,8 +153,7 @@ def _load_big(spec: str, threads: int):
 def _recipe(args):
     from .draft import DraftRecipe
     layers = [int(x) for x in args.init_layers.split(",") if x.strip()] if args.init_layers else []
-    n_layers = 1 if args.kind == "feature" else args.layers if not layers else len(layers)
-    return DraftRecipe(kind=args.kind, big=args.big, n_layers=n_layers,
+    return DraftRecipe(kind=args.kind, big=args.big, n_layers=args.layers if not layers else len(layers),
                        init=args.init, init_layers=layers, exit_init=args.exit_init)
 
 
@@ -172,9 +175,26 @@ def _kept_ids(big, tokenizer, vocab: int, source: str | None, max_shards: int | 
 def build(big, tokenizer, args, out: str, run: bool):
     from .draft import build_draft, save_draft
     recipe = _recipe(args)
+    if getattr(args, "init_draft", None):
+        return build_from_shallow(big, recipe, args.init_draft, os.path.join(out, INIT_DIR) if run else out)
     draft = build_draft(big, recipe, _kept_ids(big, tokenizer, args.vocab, args.vocab_from,
                                                getattr(args, "teacher_shards", None)))
     save_draft(draft, big, recipe, os.path.join(out, INIT_DIR) if run else out)
+    return draft, recipe
+
+
+def build_from_shallow(big, recipe, shallow_dir: str, out: str):
+    """A feature draft with a trained shallow draft's layers, norm and head rows; see FeatureDraft.init_from_shallow."""
+    from .draft import build_draft, load_draft, read_recipe, save_draft
+    source = read_recipe(shallow_dir)
+    if recipe.kind != "feature" or source.kind != "shallow":
+        raise SystemExit("--init-draft takes a trained shallow draft and builds a feature draft (--kind feature)")
+    shallow = load_draft(shallow_dir, big)
+    recipe.n_layers, recipe.init_layers, recipe.init_draft = source.n_layers, source.init_layers, shallow_dir
+    kept = getattr(shallow.lm_head, "kept", None)
+    draft = build_draft(big, recipe, kept)
+    draft.init_from_shallow(shallow)
+    save_draft(draft, big, recipe, out)
     return draft, recipe
 
 

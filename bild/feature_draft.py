@@ -33,74 +33,104 @@ from . import native
 from .errors import BildError
 
 
-class FeatureDraft(nn.Module):
-    """The trainable draft: fc over [embedding; feature], one LLaMA block, an output norm, the big model's head.
+class Block(nn.Module):
+    """One trainable LLaMA decoder layer laid out as bild.native's Layer (fused qkv and gate/up, no biases)."""
 
-    Its block is laid out as bild.native's Layer (fused qkv and gate/up, no biases), initialised from big layer
-    `init_layer`; the output norm starts as the big model's final norm, the fc as [0; I] (the feature passes
-    through). `lm_head` is the big head (or a bild.draft.ReducedHead of it), so vocabulary checks see its size.
-    """
-
-    def __init__(self, big: nn.Module, head: nn.Module, init_layer: int = -1):
+    def __init__(self, layer: native.Layer, n_heads: int, n_kv_heads: int, eps: float):
         super().__init__()
-        cfg, inner = big.config, big.model
-        block = native._layer(inner.layers[init_layer], _shape_config(big), torch.float32)
-        self.config = cfg
-        self.n_heads, self.n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.eps = inner.norm.variance_epsilon
-        self.embed_tokens = inner.embed_tokens  # shared, frozen
-        self.lm_head = head                     # shared rows, frozen
-        dim = cfg.hidden_size
-        self.fc = nn.Linear(2 * dim, dim)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.cat([torch.zeros(dim, dim), torch.eye(dim)], dim=1))
-            self.fc.bias.zero_()
         own = lambda t: nn.Parameter(t.detach().float().clone())  # noqa: E731
-        self.attn_norm, self.wqkv, self.wo = own(block.attn_norm), own(block.wqkv), own(block.wo)
-        self.mlp_norm, self.w13, self.w2 = own(block.mlp_norm), own(block.w13), own(block.w2)
-        self.out_norm = own(inner.norm.weight)
-        cos, sin = native.rope_tables(inner.rotary_emb.inv_freq, inner.rotary_emb.attention_scaling,
-                                      native._context_length(cfg), torch.float32)
-        self.register_buffer("cos", cos, persistent=False)  # (S, D)
-        self.register_buffer("sin", sin, persistent=False)  # (S, D)
+        self.attn_norm, self.wqkv, self.wo = own(layer.attn_norm), own(layer.wqkv), own(layer.wo)
+        self.mlp_norm, self.w13, self.w2 = own(layer.mlp_norm), own(layer.w13), own(layer.w2)
+        self.n_heads, self.n_kv_heads, self.eps = n_heads, n_kv_heads, eps
 
-    def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
-
-    def forward(self, ids: Tensor, feats: Tensor) -> Tensor:
-        """ids (B, T), feats (B, T, dim) with feats[:, t] = f_{t-1} -> predicted features f̂ (B, T, dim)."""
-        u = self.fc(torch.cat([self.embed_tokens(ids), feats.to(self.fc.weight.dtype)], dim=-1))  # (B, T, dim)
-        h = u + self._attention(F.rms_norm(u, u.shape[-1:], self.attn_norm, self.eps))
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """x (B, T, dim), rope: cos and sin (T, 1, D) -> (B, T, dim)."""
+        h = x + self._attention(F.rms_norm(x, x.shape[-1:], self.attn_norm, self.eps), rope)
         gate_up = F.linear(F.rms_norm(h, h.shape[-1:], self.mlp_norm, self.eps), self.w13)  # (B, T, 2F)
         gate, up = gate_up.chunk(2, dim=-1)  # (B, T, F) each
-        h = h + F.linear(F.silu(gate) * up, self.w2)
-        return F.rms_norm(h, h.shape[-1:], self.out_norm, self.eps)  # (B, T, dim)
+        return h + F.linear(F.silu(gate) * up, self.w2)
 
-    def _attention(self, x: Tensor) -> Tensor:
+    def _attention(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
         B, T, _ = x.shape
         H, Hkv = self.n_heads, self.n_kv_heads
         D = self.wo.shape[1] // H
         qkv = F.linear(x, self.wqkv).view(B, T, H + 2 * Hkv, D)  # (B, T, H + 2 H_kv, D)
-        rope = (self.cos[:T].unsqueeze(1), self.sin[:T].unsqueeze(1))  # (T, 1, D) each
         qk = native.apply_rope(qkv[:, :, :H + Hkv], *rope)  # (B, T, H + H_kv, D)
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H, T, D), (B, H_kv, T, D)
         v = qkv[:, :, H + Hkv:].transpose(1, 2)  # (B, H_kv, T, D)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, D)
         return F.linear(y.transpose(1, 2).reshape(B, T, H * D), self.wo)  # (B, T, dim)
 
+    def native(self, dtype: torch.dtype) -> native.Layer:
+        w = lambda t: t.detach().to(dtype).contiguous()  # noqa: E731
+        return native.Layer(attn_norm=w(self.attn_norm), wqkv=w(self.wqkv), bqkv=None, wo=w(self.wo), bo=None,
+                            mlp_norm=w(self.mlp_norm), w13=w(self.w13), b13=None, w2=w(self.w2), b2=None)
+
+
+class FeatureDraft(nn.Module):
+    """The trainable draft: fc over [embedding; feature], K LLaMA blocks, an output norm, the big model's head.
+
+    The blocks start as big layers `init_layers`, the output norm as the big model's final norm, the fc as
+    [0; I] (the feature passes through). `init_from_shallow` instead starts from a trained shallow draft with
+    fc = [I; 0]: the draft then computes exactly what the shallow draft does until training teaches it to use the
+    features. `lm_head` is the big head (or a bild.draft.ReducedHead of it), so vocabulary checks see its size.
+    """
+
+    def __init__(self, big: nn.Module, head: nn.Module, init_layers: list[int]):
+        super().__init__()
+        cfg, inner = big.config, big.model
+        self.config = cfg
+        self.eps = inner.norm.variance_epsilon
+        self.embed_tokens = inner.embed_tokens  # shared, frozen
+        self.lm_head = head                     # shared rows, frozen
+        self.blocks = nn.ModuleList(Block(native._layer(inner.layers[i], torch.float32), cfg.num_attention_heads,
+                                          cfg.num_key_value_heads, self.eps) for i in init_layers)
+        self.out_norm = nn.Parameter(inner.norm.weight.detach().float().clone())
+        dim = cfg.hidden_size
+        self.fc = nn.Linear(2 * dim, dim)
+        self._pass_through(feature=True)
+        cos, sin = native.rope_tables(inner.rotary_emb.inv_freq, inner.rotary_emb.attention_scaling,
+                                      native._context_length(cfg), torch.float32)
+        self.register_buffer("cos", cos, persistent=False)  # (S, D)
+        self.register_buffer("sin", sin, persistent=False)  # (S, D)
+
+    @torch.no_grad()
+    def _pass_through(self, feature: bool) -> None:
+        """fc = [0; I] (u_t = f_{t-1}) or [I; 0] (u_t = emb(x_t)), bias 0."""
+        dim = self.fc.out_features
+        eye, zero = torch.eye(dim), torch.zeros(dim, dim)
+        self.fc.weight.copy_(torch.cat([zero, eye] if feature else [eye, zero], dim=1))
+        self.fc.bias.zero_()
+
+    @torch.no_grad()
+    def init_from_shallow(self, shallow: nn.Module) -> None:
+        """Copy a trained shallow draft's layers and final norm (same count and shapes) and set fc = [I; 0]."""
+        layers = shallow.model.layers
+        if len(layers) != len(self.blocks):
+            raise ValueError(f"the shallow draft has {len(layers)} layers, this feature draft {len(self.blocks)}")
+        for block, layer in zip(self.blocks, layers):
+            src = native._layer(layer, torch.float32)
+            for name in ("attn_norm", "wqkv", "wo", "mlp_norm", "w13", "w2"):
+                getattr(block, name).copy_(getattr(src, name))
+        self.out_norm.copy_(shallow.model.norm.weight)
+        self._pass_through(feature=False)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def forward(self, ids: Tensor, feats: Tensor) -> Tensor:
+        """ids (B, T), feats (B, T, dim) with feats[:, t] = f_{t-1} -> predicted features f̂ (B, T, dim)."""
+        h = self.fc(torch.cat([self.embed_tokens(ids), feats.to(self.fc.weight.dtype)], dim=-1))  # (B, T, dim)
+        T = ids.shape[1]
+        rope = (self.cos[:T].unsqueeze(1), self.sin[:T].unsqueeze(1))  # (T, 1, D) each
+        for block in self.blocks:
+            h = block(h, rope)
+        return F.rms_norm(h, h.shape[-1:], self.out_norm, self.eps)  # (B, T, dim)
+
     def logits(self, f: Tensor) -> Tensor:
         """Head logits over the kept ids (reduced head) or the full vocabulary: (..., N)."""
         head = self.lm_head
         return head.reduced(f) if hasattr(head, "reduced") else head(f)
-
-
-def _shape_config(big: nn.Module) -> native.NativeConfig:
-    cfg = big.config
-    head_dim = big.model.layers[0].self_attn.q_proj.weight.shape[0] // cfg.num_attention_heads
-    return native.NativeConfig(
-        n_layers=1, dim=cfg.hidden_size, n_heads=cfg.num_attention_heads, n_kv_heads=cfg.num_key_value_heads,
-        head_dim=head_dim, ffn_dim=cfg.intermediate_size, vocab_size=cfg.vocab_size,
-        max_length=native._context_length(cfg), norm_eps=big.model.norm.variance_epsilon)
 
 
 def check_big(big: nn.Module) -> None:
@@ -167,10 +197,10 @@ def _full_argmax(draft: FeatureDraft, f: Tensor) -> Tensor:
 
 @dataclass(slots=True)
 class FeatureModel:
-    """The draft on the native engine: `model` is a 1-layer NativeModel (the big model's embedding, cos/sin and
-    head rows; the draft's block and output norm), `fc` the input projection over [emb(x_t); f_{t-1}]."""
+    """The draft on the native engine: `model` is a K-layer NativeModel (the big model's embedding, cos/sin and
+    head rows; the draft's blocks and output norm), `fc` the input projection over [emb(x_t); f_{t-1}]."""
     model: native.NativeModel
-    fc: Tensor  # (dim, 2 dim), packed like the block's weights in bf16
+    fc: Tensor  # (dim, 2 dim), packed like the blocks' weights in bf16
     fc_bias: Tensor  # (dim,)
 
 
@@ -178,13 +208,12 @@ def to_native(draft: FeatureDraft, big: native.NativeModel) -> FeatureModel:
     """Convert the trained module, sharing the big native model's embedding and rope tables (its dtype too)."""
     dtype = big.dtype
     w = lambda t: t.detach().to(dtype).contiguous()  # noqa: E731
-    layer = native.Layer(attn_norm=w(draft.attn_norm), wqkv=w(draft.wqkv), bqkv=None, wo=w(draft.wo), bo=None,
-                         mlp_norm=w(draft.mlp_norm), w13=w(draft.w13), b13=None, w2=w(draft.w2), b2=None)
     head = draft.lm_head
     kept = getattr(head, "kept", None)
     rows = w(head.sub_weight) if kept is not None else big.head
-    config = native.NativeConfig(**{**_fields(big.config), "n_layers": 1})
-    model = native.NativeModel(config, big.embed, [layer], w(draft.out_norm), rows, big.cos, big.sin, kept)
+    config = native.NativeConfig(**{**_fields(big.config), "n_layers": len(draft.blocks)})
+    layers = [block.native(dtype) for block in draft.blocks]
+    model = native.NativeModel(config, big.embed, layers, w(draft.out_norm), rows, big.cos, big.sin, kept)
     fc = w(draft.fc.weight)
     if big.layers[0].wqkv.is_mkldnn:  # the big model is packed: pack the draft alike
         model = native.pack_weights(model)

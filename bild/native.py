@@ -148,7 +148,7 @@ def from_hf(hf_model, dtype: torch.dtype | None = None, pack: bool | None = None
     embed = _weight(inner.embed_tokens.weight, dtype)
     head, head_ids = _head(hf_model.lm_head, inner.embed_tokens, embed, dtype)
     cos, sin = rope_tables(inner.rotary_emb.inv_freq, inner.rotary_emb.attention_scaling, config.max_length, dtype)
-    layers = [_layer(block, config, dtype) for block in inner.layers]
+    layers = [_layer(block, dtype) for block in inner.layers]
     model = NativeModel(config, embed, layers, _weight(inner.norm.weight, dtype), head, cos, sin, head_ids)
     _check_shapes(model)
     return pack_weights(model) if (dtype == torch.bfloat16 if pack is None else pack) else model
@@ -187,7 +187,7 @@ def _cat(tensors: list[Tensor | None], dtype: torch.dtype) -> Tensor | None:
     return torch.cat([t.detach() if t is not None else torch.zeros_like(like) for t in tensors]).to(dtype)
 
 
-def _layer(block, config: NativeConfig, dtype: torch.dtype) -> Layer:
+def _layer(block, dtype: torch.dtype) -> Layer:
     a, m = block.self_attn, block.mlp
     return Layer(
         attn_norm=_weight(block.input_layernorm.weight, dtype),

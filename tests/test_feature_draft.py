@@ -149,9 +149,29 @@ def test_running_ahead_by_more_than_one_token_is_refused(big, trained):
         little.forward([10, 11])  # position 4 would need f̂_3, not computed yet
 
 
-def test_feature_recipe_has_one_layer():
-    with pytest.raises(ValueError, match="exactly 1 layer"):
-        DraftRecipe(kind="feature", n_layers=2)
+def test_initialised_from_a_shallow_draft_it_computes_that_drafts_logits(big, tmp_path):
+    """fc = [I; 0]: whatever the features, the feature draft starts as the shallow draft (module and native runner),
+    so training starts from the shallow draft's agreement."""
+    from bild.draft_cli import build_from_shallow
+    shallow = build_draft(big, DraftRecipe(kind="shallow", n_layers=2, init="first"))
+    with torch.no_grad():
+        for p in shallow.model.layers.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # a "trained" draft that differs from the big model's layers
+    save_draft(shallow, big, DraftRecipe(kind="shallow", n_layers=2, init="first"), str(tmp_path / "shallow"))
+    draft, recipe = build_from_shallow(big, DraftRecipe(kind="feature"), str(tmp_path / "shallow"),
+                                       str(tmp_path / "feature"))
+    assert recipe.n_layers == 2 and recipe.init_draft == str(tmp_path / "shallow")
+    ids = torch.tensor([[1, 7, 9, 30, 4, 55]])
+    with torch.no_grad():
+        want = shallow(input_ids=ids).logits[0]  # (T, V)
+        got = draft.logits(draft(ids, torch.randn(1, 6, big.config.hidden_size)))[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    big_runner = native.NativeRunner.from_hf(big, dtype=torch.float32)
+    little = FeatureRunner.attach(load_draft(str(tmp_path / "feature"), big), big_runner)
+    big_runner.start(ids[0].tolist())
+    big_runner.forward(ids[0].tolist())
+    little.start(ids[0].tolist())
+    torch.testing.assert_close(little.forward(ids[0].tolist(), keep=6), want, atol=1e-4, rtol=1e-4)
 
 
 def test_text_teacher_gives_the_big_models_predictions_and_features(big):
