@@ -207,6 +207,7 @@ class TrainConfig:
     aligned_every: int = 1             # with both data sources: every n-th step is aligned, the rest text
     w_kd: float = 1.0                  # token-level KD weight
     w_ce: float = 1.0                  # sequence-level KD weight (cross-entropy to the big model's greedy token)
+    w_reg: float = 1.0                 # feature drafts: smooth-L1 regression of the predicted features
     max_steps: int = 10_000_000
     max_minutes: float = 10.0
     eval_every_minutes: float = 2.0
@@ -460,7 +461,7 @@ def train(draft, big, cfg: TrainConfig, examples: list[dict] | None = None, held
 def _aligned_step(draft, batch: dict, lookup, cfg: TrainConfig) -> tuple[torch.Tensor, dict, int]:
     from . import feature_draft
     if isinstance(draft, feature_draft.FeatureDraft):
-        return feature_draft.aligned_loss(draft, batch, lookup, cfg.w_kd, cfg.w_ce)
+        return feature_draft.aligned_loss(draft, batch, lookup, cfg.w_kd, cfg.w_ce, cfg.w_reg)
     logits = student_logits(draft, batch["ids"], batch["positions"])
     loss, parts = topk_kd_loss(logits, batch["topv"], batch["topi"], batch["topi"][:, 0], lookup, cfg.w_kd, cfg.w_ce)
     return loss, parts, len(batch["positions"])
