@@ -101,38 +101,40 @@ def main():
     hf = load_model()
     print(f"loaded in {time.perf_counter() - t:.1f}s; threads {torch.get_num_threads()}; bf16 native: {bf16_supported()}")
     context = [(7 * i) % 5000 + 100 for i in range(args.context)]
-    bf16 = NativeRunner.from_hf(hf, dtype=torch.bfloat16, max_length=args.context + 32)
-    fp32 = NativeRunner.from_hf(hf, dtype=torch.float32, max_length=args.context + 32)
-    unpacked = NativeRunner.from_hf(hf, dtype=torch.bfloat16, max_length=args.context + 32, pack=False)
+    best = "bf16" if bf16_supported() else "fp32"  # what bild decodes with here; bf16 falls back to fp32 without it
+    dtype = torch.bfloat16 if best == "bf16" else torch.float32
+    fast = NativeRunner.from_hf(hf, dtype=dtype, max_length=args.context + 32)
+    unpacked = NativeRunner.from_hf(hf, dtype=dtype, max_length=args.context + 32, pack=False)
     steps = {"HF eager fp32 k=1": stepper(HFRunner(hf), context, 1),
-             "native fp32 k=1": stepper(fp32, context, 1),
-             "early exit (2 layers) bf16 k=1": stepper(bf16.early_exit(2), context, 1)}
+             f"early exit (2 layers) {best} k=1": stepper(fast.early_exit(2), context, 1)}
     for k in KS:
-        steps[f"native bf16 k={k}"] = stepper(bf16, context, k)
+        steps[f"native {best} k={k}"] = stepper(fast, context, k)
     for k in (1, 9):
-        steps[f"native bf16 unpacked weights k={k}"] = stepper(unpacked, context, k)
-    for k in (9, 16):
-        steps[f"native fp32 k={k}"] = stepper(fp32, context, k)
+        steps[f"native {best} unpacked weights k={k}"] = stepper(unpacked, context, k)
+    runners = {best: fast}
+    if best == "bf16":
+        runners["fp32"] = NativeRunner.from_hf(hf, dtype=torch.float32, max_length=args.context + 32)
+        for k in (1, 9, 16):
+            steps[f"native fp32 k={k}"] = stepper(runners["fp32"], context, k)
     for threads in {1, 2} - {torch.get_num_threads()}:
-        steps[f"native bf16 k=1, {threads} thread(s)"] = with_threads(stepper(bf16, context, 1), threads)
+        steps[f"native {best} k=1, {threads} thread(s)"] = with_threads(stepper(fast, context, 1), threads)
     with torch.inference_mode():
         times = interleaved(steps, args.rounds)
 
     bw = read_bandwidth()
     med = {name: statistics.median(xs) for name, xs in times.items()}
     print(f"\ncontext {args.context} tokens, {args.rounds} interleaved rounds; ms per forward, median (min)\n")
-    print("| configuration | ms / forward | vs native bf16 k=1 |")
+    one = f"native {best} k=1"
+    print(f"| configuration | ms / forward | vs {one} |")
     print("|---|---|---|")
     for name, xs in times.items():
-        print(f"| {name} | {ms(xs)} | {med[name] / med['native bf16 k=1']:.2f}x |")
-    for dtype, runner in (("bf16", bf16), ("fp32", fp32)):
+        print(f"| {name} | {ms(xs)} | {med[name] / med[one]:.2f}x |")
+    for name, runner in runners.items():
         nbytes = weight_bytes(runner)
         bound = nbytes / bw * 1e3
-        name = f"native {dtype} k=1"
-        print(f"| bandwidth bound {dtype}: {nbytes / 1e6:.0f} MB at {bw / 1e9:.1f} GB/s | {bound:.1f} "
-              f"| {name} = {med[name] * 1e3 / bound:.2f}x bound |")
-    print(f"\nHF eager fp32 / native bf16 (k=1): {med['HF eager fp32 k=1'] / med['native bf16 k=1']:.1f}x; "
-          f"HF / native fp32: {med['HF eager fp32 k=1'] / med['native fp32 k=1']:.1f}x")
+        print(f"| bandwidth bound {name}: {nbytes / 1e6:.0f} MB at {bw / 1e9:.1f} GB/s | {bound:.1f} "
+              f"| native {name} k=1 = {med[f'native {name} k=1'] * 1e3 / bound:.2f}x bound |")
+    print(f"\nHF eager fp32 / {one}: {med['HF eager fp32 k=1'] / med[one]:.1f}x")
 
 
 if __name__ == "__main__":
