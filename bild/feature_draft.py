@@ -1,15 +1,17 @@
-"""Feature-conditioned little models: one decoder layer that reads the big model's own features (EAGLE).
+"""Feature-conditioned little models: decoder layers that read the big model's own features (EAGLE).
 
 Li et al., "EAGLE: Speculative Sampling Requires Rethinking Feature Uncertainty" (arXiv 2401.15077). The big
-model's final hidden state already holds most of what decides its next token. A single layer that gets that
-state, plus the token actually chosen, predicts the big model's next state far better than a small model that
-reads tokens alone. The big model computes those states anyway when it verifies, so they cost nothing extra.
+model's final hidden state already holds most of what decides its next token. EAGLE reports that a single layer
+given that state, plus the token actually chosen, predicts the big model's next state far better than a small
+model reading tokens alone, after training on ~10^8 positions. (This project's own runs, at ~10^6 positions, are in
+benchmarks/results/feature-draft-experiments.) The big model computes those states anyway when it verifies, so
+they cost nothing extra.
 
 Notation: f_t is the big model's final normed hidden state at position t, from which its head gives p for the
 token at t+1. At position t the draft reads the token x_t and f_{t-1}:
 
     u_t  = W_fc [emb(x_t); f_{t-1}] + b_fc        (dim)         f_{-1} = 0
-    h    = one LLaMA decoder layer over u_0..u_t  (own KV cache)
+    h    = K LLaMA decoder layers over u_0..u_t  (own KV cache; K = 1 unless built from a shallow draft)
     f̂_t  = rms_norm(h_t) * w_out                  the predicted feature
     q_t  = softmax(head(f̂_t))                     the big model's head rows (reduced: the kept ids, -inf elsewhere)
 

@@ -201,7 +201,7 @@ def describe_little(spec: str | None) -> str:
         recipe = draft.read_recipe(spec)
         alpha = (recipe.metrics or {}).get("alpha")
         if recipe.kind == "feature":
-            return (f"feature draft {spec} (1 layer reading the big model's hidden states"
+            return (f"feature draft {spec} ({recipe.n_layers} layers reading the big model's hidden states"
                     + (f", head over {recipe.vocab_size} tokens" if recipe.vocab_size else "")
                     + (f", held-out top-1 agreement of its first token {alpha:.2f}" if isinstance(alpha, float) else "")
                     + ")")

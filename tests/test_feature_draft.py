@@ -31,16 +31,30 @@ def trained(big, tok, tmp_path_factory):
     """A feature draft trained for a few seconds on the tiny big model's own greedy outputs and features."""
     tmp = tmp_path_factory.mktemp("feature-draft")
     examples, heldout = teacher_examples(big, tok, tmp, 96, seed=11), teacher_examples(big, tok, tmp, 16, seed=12)
-    draft = build_draft(big, DraftRecipe(kind="feature", n_layers=1))
+    (tmp / "heldout").mkdir()
+    torch.save(heldout, tmp / "heldout" / "shard_0000.pt")
+    recipe = DraftRecipe(kind="feature", n_layers=1)
+    draft = build_draft(big, recipe)
+    save_draft(draft, big, recipe, str(tmp / "run" / "draft_init"))  # the layout `bild draft export` reads
     before = agreement(draft, heldout, pad_id=0)["alpha"]
     train(draft, big, TrainConfig(out_dir=str(tmp / "run"), lr=3e-3, max_steps=600, batch_size=8, warmup_steps=5,
-                                  autocast=False, threads=1, max_minutes=5), examples=examples, pad_id=0)
-    return draft, before, agreement(draft, heldout, pad_id=0)["alpha"]
+                                  autocast=False, threads=1, max_minutes=5, eval_every_minutes=100), examples=examples,
+          heldout=heldout, pad_id=0)
+    return draft, before, agreement(draft, heldout, pad_id=0)["alpha"], tmp
 
 
 def test_training_raises_held_out_agreement(trained):
-    _, before, after = trained
+    _, before, after, _ = trained
     assert after > before + 0.2 and after > 0.5
+
+
+def test_export_measures_the_best_checkpoint_on_the_native_engine(big, trained, tok):
+    from bild.draft_cli import export
+    draft, _, after, tmp = trained
+    metrics = export(big, tok, str(tmp / "run"), str(tmp / "exported"), str(tmp / "heldout"))
+    assert metrics["alpha"] == pytest.approx(after)  # training ends with an evaluation that saves the best
+    assert metrics["speed_engine"].startswith("native") and metrics["draft_ms_per_token"] > 0
+    assert isinstance(load_draft(str(tmp / "exported"), big), FeatureDraft)
 
 
 @pytest.fixture(scope="module")
