@@ -52,8 +52,8 @@ class TeacherConfig:
             raise ValueError(f"split must be calibration or heldout, got {self.split!r}")
         if self.engine not in ("auto", "native", "hf"):
             raise ValueError(f"engine must be auto, native or hf, got {self.engine!r}")
-        if self.features and self.engine == "hf":
-            raise ValueError("features come from the native engine; use engine auto or native")
+        if (self.features or self.source == "text") and self.engine == "hf":
+            raise ValueError("features and text caches come from the native engine; use engine auto or native")
         if self.source not in ("aligned", "text"):
             raise ValueError(f"source must be aligned or text, got {self.source!r}")
 

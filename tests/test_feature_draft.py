@@ -217,3 +217,11 @@ def test_aligned_teacher_features_match_single_sequence_decoding(big, tok, tmp_p
         runner.forward(ids[:-1])
         assert e["feats"].shape == (len(ids) - 1, big.config.hidden_size)
         torch.testing.assert_close(e["feats"].float(), runner.features[:len(ids) - 1].bfloat16().float())
+
+
+def test_teacher_config_refuses_what_only_the_native_engine_makes():
+    for kwargs in (dict(features=True), dict(source="text")):
+        with pytest.raises(ValueError, match="native engine"):
+            TeacherConfig(out_dir="unused", engine="hf", **kwargs)
+    with pytest.raises(ValueError, match="aligned or text"):
+        TeacherConfig(out_dir="unused", source="web")
