@@ -158,6 +158,7 @@ def aligned_loss(draft: FeatureDraft, batch: dict, lookup: Tensor | None, w_kd: 
     Input features get uniform noise of `noise` times their RMS, as in EAGLE, so the draft tolerates its own
     slightly wrong f̂ while drafting several tokens."""
     from .train import topk_kd_loss
+    _need_features(batch)
     feats, valid = batch["feats"], batch["feat_mask"]  # (B, T, dim) targets f_t, (B, T) bool
     inputs = shifted(feats)
     if noise and draft.training:
@@ -179,12 +180,19 @@ def agreement(draft: FeatureDraft, examples: list[dict], pad_id: int, batch_size
     from .train import pad_batch
     hits = total = 0
     for b in range(0, len(examples), batch_size):
-        batch = pad_batch(examples[b:b + batch_size], pad_id)
+        batch = _need_features(pad_batch(examples[b:b + batch_size], pad_id))
         pos = batch["positions"]  # (M, 2)
         f_hat = draft(batch["ids"], shifted(batch["feats"].float()))  # (B, T, dim)
         hits += (_full_argmax(draft, f_hat[pos[:, 0], pos[:, 1]]) == batch["topi"][:, 0].long()).sum().item()
         total += len(pos)
     return {"alpha": hits / max(total, 1), "positions": total}
+
+
+def _need_features(batch: dict) -> dict:
+    if "feats" not in batch:
+        raise BildError("a feature draft trains and is measured on teacher caches with the big model's features: "
+                        "make them with `bild draft teacher --features`")
+    return batch
 
 
 def _full_argmax(draft: FeatureDraft, f: Tensor) -> Tensor:

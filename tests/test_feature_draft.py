@@ -225,3 +225,14 @@ def test_teacher_config_refuses_what_only_the_native_engine_makes():
             TeacherConfig(out_dir="unused", engine="hf", **kwargs)
     with pytest.raises(ValueError, match="aligned or text"):
         TeacherConfig(out_dir="unused", source="web")
+
+
+def test_teacher_caches_without_features_are_refused_clearly(big, trained):
+    with pytest.raises(BildError, match="--features"):
+        agreement(trained[0], teacher_examples_plain(big), pad_id=0)
+
+
+def teacher_examples_plain(big) -> list[dict]:
+    from bild.train import _example
+    out = native.greedy_batch(native.from_hf(big, torch.float32), [[1, 5, 9]], max_new_tokens=4, top_k=2)
+    return [_example([1, 5, 9], out.topi[0, :, 0], out.topv[0].half(), out.topi[0].int(), 2)]
