@@ -283,7 +283,7 @@ def decode_speed(big, draft, tokenizer, n_tokens: int = 48, repeats: int = 3) ->
     prompt = torch.tensor([_as_ids(tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about cats."}],
                                                                  add_generation_prompt=True))]).long()
     if isinstance(draft, FeatureDraft):
-        return native_decode_speed(big, draft, prompt[0].tolist(), n_tokens, repeats)
+        return native_decode_speed(big, draft, prompt[0].tolist(), n_tokens)
 
     def one(model) -> float:
         cache = DynamicCache()
@@ -299,25 +299,15 @@ def decode_speed(big, draft, tokenizer, n_tokens: int = 48, repeats: int = 3) ->
             "speed_threads": torch.get_num_threads()}
 
 
-def native_decode_speed(big, draft, prompt: list[int], n_tokens: int, repeats: int) -> dict:
-    """ms per token of the native big model's and the feature draft's one-token steps (median over repeats)."""
+def native_decode_speed(big, draft, prompt: list[int], n_tokens: int) -> dict:
+    """ms per one-token step of the native big model and of the feature draft (bench.designs.step_ms, median of
+    n_tokens steps). The big model runs first, so its runner holds the prompt's features for the draft to read."""
+    from .bench.designs import step_ms
     from .cache import make_runner
     big_runner = make_runner(big, "native")
     little = make_runner(draft, "native", share_with=big_runner)
-
-    def one(runner) -> float:
-        big_runner.start(prompt)
-        ids = big_runner.forward(prompt).argmax(-1).tolist()  # the prompt's features, for the draft to read
-        if runner is little:
-            little.start(prompt)
-            ids = little.forward(prompt).argmax(-1).tolist()
-        t = time.perf_counter()
-        for _ in range(n_tokens):  # the draft runs ahead of the big model on its own features
-            ids = runner.forward(ids).argmax(-1).tolist()
-        return (time.perf_counter() - t) / n_tokens * 1000
-
-    big_ms = sorted(one(big_runner) for _ in range(repeats))[repeats // 2]
-    draft_ms = sorted(one(little) for _ in range(repeats))[repeats // 2]
+    big_ms = step_ms(big_runner, prompt, steps=n_tokens)
+    draft_ms = step_ms(little, prompt, steps=n_tokens)
     return {"big_ms_per_token": round(big_ms, 2), "draft_ms_per_token": round(draft_ms, 2),
             "speed_threads": torch.get_num_threads(), "speed_engine": f"native {big_runner.model.dtype}"}
 
