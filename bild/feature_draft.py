@@ -25,6 +25,7 @@ native inference forward) and `FeatureRunner` (the decoding loop's runner, readi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -221,7 +222,7 @@ def to_native(draft: FeatureDraft, big: native.NativeModel) -> FeatureModel:
     head = draft.lm_head
     kept = getattr(head, "kept", None)
     rows = w(head.sub_weight) if kept is not None else big.head
-    config = native.NativeConfig(**{**_fields(big.config), "n_layers": len(draft.blocks)})
+    config = dataclasses.replace(big.config, n_layers=len(draft.blocks))
     layers = [block.native(dtype) for block in draft.blocks]
     model = native.NativeModel(config, big.embed, layers, w(draft.out_norm), rows, big.cos, big.sin, kept)
     fc = w(draft.fc.weight)
@@ -229,10 +230,6 @@ def to_native(draft: FeatureDraft, big: native.NativeModel) -> FeatureModel:
         model = native.pack_weights(model)
         fc = torch.ops.mkldnn._reorder_linear_weight(fc, native.PACK_BATCH_HINT)
     return FeatureModel(model, fc, w(draft.fc.bias))
-
-
-def _fields(config: native.NativeConfig) -> dict:
-    return {name: getattr(config, name) for name in config.__slots__}
 
 
 @torch.inference_mode()
