@@ -20,9 +20,9 @@ def big():
     return tiny_llama(0, layers=2)
 
 
-def teacher_examples(big, tok, tmp, n: int, seed: int) -> list[dict]:
+def teacher_examples(big, tok, tmp, n: int, seed: int, features: bool = True) -> list[dict]:
     generate = teacher_generator(big, tok, TeacherConfig(out_dir=str(tmp), max_new_tokens=16, top_k=16,
-                                                         features=True, dtype=torch.float32))
+                                                         features=features, dtype=torch.float32))
     return generate(random_prompts(n, seed=seed))
 
 
@@ -227,12 +227,6 @@ def test_teacher_config_refuses_what_only_the_native_engine_makes():
         TeacherConfig(out_dir="unused", source="web")
 
 
-def test_teacher_caches_without_features_are_refused_clearly(big, trained):
+def test_teacher_caches_without_features_are_refused_clearly(big, trained, tok, tmp_path):
     with pytest.raises(BildError, match="--features"):
-        agreement(trained[0], teacher_examples_plain(big), pad_id=0)
-
-
-def teacher_examples_plain(big) -> list[dict]:
-    from bild.train import _example
-    out = native.greedy_batch(native.from_hf(big, torch.float32), [[1, 5, 9]], max_new_tokens=4, top_k=2)
-    return [_example([1, 5, 9], out.topi[0, :, 0], out.topv[0].half(), out.topi[0].int(), 2)]
+        agreement(trained[0], teacher_examples(big, tok, tmp_path, 2, seed=31, features=False), pad_id=0)
