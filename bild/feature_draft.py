@@ -225,11 +225,8 @@ def to_native(draft: FeatureDraft, big: native.NativeModel) -> FeatureModel:
     config = dataclasses.replace(big.config, n_layers=len(draft.blocks))
     layers = [block.native(dtype) for block in draft.blocks]
     model = native.NativeModel(config, big.embed, layers, w(draft.out_norm), rows, big.cos, big.sin, kept)
-    fc = w(draft.fc.weight)
-    if big.layers[0].wqkv.is_mkldnn:  # the big model is packed: pack the draft alike
-        model = native.pack_weights(model)
-        fc = torch.ops.mkldnn._reorder_linear_weight(fc, native.PACK_BATCH_HINT)
-    return FeatureModel(model, fc, w(draft.fc.bias))
+    model = native.pack_like(model, big)  # the draft's matmuls take the big model's kernel
+    return FeatureModel(model, native.pack_weight_like(w(draft.fc.weight), big), w(draft.fc.bias))
 
 
 @torch.inference_mode()

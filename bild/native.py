@@ -6,6 +6,7 @@ start..start+T-1. Rolling back is `length = n`: stale entries past the valid pre
 next write overwrites them.
 
     runner = NativeRunner.from_hf(hf_model, dtype=torch.bfloat16)   # or torch.float32 for exactness
+    runner = NativeRunner.from_hf(hf_model, dtype=torch.float16)    # fp16 weights, fp32 activations (x86 fbgemm)
     little = runner.early_exit(2)                                   # shares weights, own cache
 
 Handles LLaMA, Mistral and Qwen2 (q/k/v bias) from a loaded Hugging Face model; `supports()` says which.
@@ -71,10 +72,16 @@ class NativeModel:
     cos: Tensor  # (max_length, D)
     sin: Tensor  # (max_length, D), first half negated so that rotate_half(x) * sin == roll(x) * sin
     head_ids: Tensor | None = None  # reduced-vocabulary head: head is (N, dim) over these N token ids
+    weight_dtype: torch.dtype | None = None  # of the matmul weights, when not `dtype` (fp16, see pack_fp16)
 
     @property
     def dtype(self) -> torch.dtype:
+        """Activations, norms, embedding and KV cache."""
         return self.embed.dtype
+
+    @property
+    def weights(self) -> torch.dtype:
+        return self.weight_dtype or self.dtype
 
 
 @dataclass(slots=True)
@@ -119,24 +126,36 @@ def bf16_supported() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def fp16_supported() -> bool:
+    """fbgemm's fp16-weight GEMM (x86 with AVX2 and F16C), what float16 weights run on."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
 def resolve_dtype(dtype: torch.dtype | None) -> torch.dtype:
-    """None -> bf16 where the CPU has it, else fp32; a bf16 request on a CPU without it falls back to fp32."""
+    """None -> bf16 where the CPU has it, else fp32; a bf16 request on a CPU without it falls back to fp32.
+    float16 means fp16 weights with fp32 activations (pack_fp16), never fp16 arithmetic."""
     if dtype is None:
         return torch.bfloat16 if bf16_supported() else torch.float32
     if dtype == torch.bfloat16 and not bf16_supported():
         warnings.warn("this CPU has no native bf16; the native forward runs in float32")
         return torch.float32
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"native forward runs in float32 or bfloat16, not {dtype}")
+    if dtype == torch.float16 and not fp16_supported():
+        raise ValueError("float16 weights need fbgemm's fp16 GEMM (x86 CPUs); use float32 or bfloat16")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"native forward runs in float32, bfloat16 or float16 (weights only), not {dtype}")
     return dtype
 
 
 def from_hf(hf_model, dtype: torch.dtype | None = None, pack: bool | None = None) -> NativeModel:
     """Copy-free where dtypes match: weights are referenced, fused and converted tensors are new.
-    pack (default: where oneDNN is available) pre-reorders matmul weights into its blocked layout, see pack_weights."""
+    pack (default: where oneDNN is available) pre-reorders matmul weights into its blocked layout, see pack_weights.
+    dtype float16: fp32 everywhere except the matmul weights, which are fp16 and always packed (pack_fp16)."""
     if not supports(hf_model):
         raise ValueError(f"native forward does not handle {type(hf_model).__name__}")
-    dtype = resolve_dtype(dtype)
+    weights = resolve_dtype(dtype)
+    if weights == torch.float16 and pack is False:
+        raise ValueError("float16 weights exist only packed for fbgemm; pack=False needs float32 or bfloat16")
+    dtype = torch.float32 if weights == torch.float16 else weights  # activations
     cfg, inner = hf_model.config, hf_model.model
     attn = inner.layers[0].self_attn
     head_dim = attn.q_proj.weight.shape[0] // cfg.num_attention_heads
@@ -146,11 +165,15 @@ def from_hf(hf_model, dtype: torch.dtype | None = None, pack: bool | None = None
         vocab_size=hf_model.lm_head.weight.shape[0], max_length=_context_length(cfg), norm_eps=inner.norm.variance_epsilon,
     )
     embed = _weight(inner.embed_tokens.weight, dtype)
+    if weights == torch.float16:  # the lookup reads the rows a tied head packs: both fp16-rounded, stored fp32
+        embed = embed.half().float()
     head, head_ids = _head(hf_model.lm_head, inner.embed_tokens, embed, dtype)
     cos, sin = rope_tables(inner.rotary_emb.inv_freq, inner.rotary_emb.attention_scaling, config.max_length, dtype)
     layers = [_layer(block, dtype) for block in inner.layers]
     model = NativeModel(config, embed, layers, _weight(inner.norm.weight, dtype), head, cos, sin, head_ids)
     _check_shapes(model)
+    if weights == torch.float16:
+        return pack_fp16(model)
     return pack_weights(model) if (torch.backends.mkldnn.is_available() if pack is None else pack) else model
 
 
@@ -231,6 +254,52 @@ def pack_weights(model: NativeModel, batch_hint: int = PACK_BATCH_HINT) -> Nativ
     return dataclasses.replace(model, layers=layers, head=packed(model.head))
 
 
+def pack_fp16(model: NativeModel) -> NativeModel:
+    """Weight-only fp16: every matmul weight rounded to fp16 and packed for fbgemm's fp16 GEMM, which widens it
+    to fp32 in registers and accumulates in fp32. Half the bytes a step streams, on CPUs without native bf16:
+    121 products of one SmolLM2 step took 12.9 ms instead of 27.2 packed fp32 on the 2-core AVX2 CPU
+    (benchmarks/matmul_kernels.py). Activations, norms, embedding and KV cache stay fp32. Outputs are exact only
+    relative to the fp16-rounded weights (a relative change of at most 2^-11 per weight)."""
+    if model.dtype != torch.float32:
+        raise ValueError(f"fp16 weights go with float32 activations, not {model.dtype}")
+    layers = [dataclasses.replace(layer, wqkv=fp16_weight(layer.wqkv), wo=fp16_weight(layer.wo),
+                                  w13=fp16_weight(layer.w13), w2=fp16_weight(layer.w2)) for layer in model.layers]
+    return dataclasses.replace(model, layers=layers, head=fp16_weight(model.head), weight_dtype=torch.float16)
+
+
+def fp16_weight(w: Tensor) -> torch.ScriptObject:
+    with warnings.catch_warnings():  # fbgemm warns about values it saturates; SmolLM2's weights have none
+        warnings.simplefilter("ignore")
+        return torch.ops.quantized.linear_prepack_fp16(w.float(), None)
+
+
+def pack_like(model: NativeModel, like: NativeModel) -> NativeModel:
+    """Pack `model` (plain tensors, like's activation dtype) the way `like` is packed, so both take one kernel."""
+    w = like.layers[0].wqkv
+    if isinstance(w, torch.ScriptObject):
+        return pack_fp16(model)
+    return pack_weights(model) if w.is_mkldnn else model
+
+
+def pack_weight_like(w: Tensor, like: NativeModel) -> Tensor | torch.ScriptObject:
+    """One extra matmul weight (a feature draft's fc) packed as `like`'s layers are."""
+    ref = like.layers[0].wqkv
+    if isinstance(ref, torch.ScriptObject):
+        return fp16_weight(w)
+    return torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT) if ref.is_mkldnn else w
+
+
+def streamed_bytes(model: NativeModel) -> int:
+    """Bytes one decode step must read: every layer's matmul weights and norms, the final norm and the head (not
+    the embedding, of which a step reads one row). Biases are left out: at most a few kB."""
+    c = model.config
+    qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+    per_layer = qkv * c.dim + c.dim * c.n_heads * c.head_dim + 3 * c.ffn_dim * c.dim  # wqkv, wo, w13 and w2
+    head = (c.vocab_size if model.head_ids is None else model.head_ids.shape[0]) * c.dim
+    norms = (2 * c.n_layers + 1) * c.dim
+    return (c.n_layers * per_layer + head) * model.weights.itemsize + norms * model.dtype.itemsize
+
+
 def rope_tables(inv_freq: Tensor, scaling: float, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos and sign-folded sin for positions 0..length-1, computed in fp32 as HF does, then cast."""
     freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq.float())  # (S, D/2)
@@ -259,7 +328,10 @@ def allocate_cache(config: NativeConfig, max_length: int, dtype: torch.dtype) ->
 # ---------------------------------------------------------------- forward
 
 
-def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+def linear(x: Tensor, w: Tensor | torch.ScriptObject, b: Tensor | None = None) -> Tensor:
+    if isinstance(w, torch.ScriptObject):  # fp16 weights packed for fbgemm, see pack_fp16
+        y = torch.ops.quantized.linear_dynamic_fp16(x, w)  # (N, out) float32
+        return y if b is None else y + b
     if not w.is_mkldnn:
         return F.linear(x, w, b)
     if x.shape[0] == 1:  # oneDNN's one-row kernel sums in another order; as two rows it matches every batch

@@ -62,6 +62,15 @@ def perturbed(model, noise: float, seed: int = 123):
     return little
 
 
+def fp16_params(model):
+    """A copy with fp16 parameters and fp32 buffers (RoPE's inv_freq), as from_pretrained(dtype=float16) loads it:
+    the native engine then runs it with fp16 weights and fp32 activations."""
+    half = copy.deepcopy(model)
+    for w in half.parameters():
+        w.data = w.data.half()
+    return half
+
+
 @pytest.fixture(scope="session")
 def tok():
     return char_tokenizer()

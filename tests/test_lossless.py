@@ -11,7 +11,7 @@ from scipy.stats import chisquare
 from bild import BigLittle
 from bild.config import GenerationConfig
 from bild.policies import probs, speculative_accept, target
-from conftest import perturbed, tiny_llama, tiny_t5
+from conftest import fp16_params, perturbed, tiny_llama, tiny_t5
 
 
 def random_prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -19,11 +19,17 @@ def random_prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [[1] + [rng.randrange(3, 96) for _ in range(rng.randrange(1, 12))] for _ in range(n)]
 
 
-@pytest.fixture(scope="module", params=["llama-hf", "llama-native", "t5-hf"])
+@pytest.fixture(scope="module", params=["llama-hf", "llama-native", "llama-native_fp16", "t5-hf"])
 def pair(request, llama_pair, t5_pair, tok):
-    arch, engine = request.param.split("-")
-    big, little = llama_pair if arch == "llama" else t5_pair
-    return BigLittle(big, little, tok, engine=engine)
+    return make_pair(request.param, llama_pair if request.param.startswith("llama") else t5_pair, tok)
+
+
+def make_pair(name: str, models: tuple, tok) -> BigLittle:
+    """arch-engine, where engine native_fp16 is the native engine with fp16 weights (fp32 activations)."""
+    engine = name.split("-")[1]
+    if engine == "native_fp16":
+        engine, models = "native", tuple(fp16_params(m) for m in models)
+    return BigLittle(*models, tok, engine=engine)
 
 
 @pytest.fixture(scope="module")
@@ -132,11 +138,12 @@ def assert_matches(counts: torch.Tensor, expected: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("policy,extra,engine", [("speculative", dict(gamma=2, fallback=0.0), "hf"),
                                                  ("speculative", dict(gamma=3, fallback=0.5), "native"),
+                                                 ("speculative", dict(gamma=3, fallback=0.0), "native_fp16"),
                                                  ("bild", dict(rollback=0.0, fallback=0.0), "native")])
 def test_sampling_matches_big_distribution(small_pair, tok, policy, extra, engine):
     """Catches q taken from raw logits (transformers #47932): temperature, top-k and top-p reshape q here."""
-    big, little = small_pair
-    bl = BigLittle(big, little, tok, engine=engine)
+    bl = make_pair(f"llama-{engine}", small_pair, tok)
+    big = bl.big.float()  # the fp16 pair's reference: its own fp16-rounded weights, computed in fp32 (its runners are built)
     bl.eos_ids = set()  # token 2 is an ordinary token in this 8-token vocabulary
     prompt = [1, 4, 5]
     samples = [tuple(bl.generate(prompt, policy=policy, max_new_tokens=2, seed=s, **SAMPLING, **extra).token_ids)

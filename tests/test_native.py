@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -10,13 +11,16 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from bild import native
+from bild.models import early_exit as hf_early_exit
 from bild.native import NativeRunner
+from conftest import fp16_params
 
 FP32_TOL = 1e-4  # absolute, or FP32_REL of the largest logit when that is larger (float rounding, not bugs)
 FP32_REL = 2e-6
 PACKED_FP32_REL = 1e-5  # oneDNN's packed fp32 kernels sum in another order than MKL's (SmolLM2: 3.4e-6 measured)
 BF16_TOL = 0.05  # relative to the largest logit
 needs_bf16 = pytest.mark.skipif(not native.bf16_supported(), reason="this CPU has no native bf16")
+needs_fp16 = pytest.mark.skipif(not native.fp16_supported(), reason="no fbgemm fp16 GEMM on this CPU")
 
 
 def _tiny(cls, config_cls, seed=0, **extra):
@@ -115,8 +119,6 @@ def test_greedy_equals_hf_fp32(tiny):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_early_exit_shares_weights_and_matches_hf_early_exit(tiny, dtype):
-    from bild.models import early_exit as hf_early_exit
-
     big = NativeRunner.from_hf(tiny, dtype=dtype)
     little = big.early_exit(1)
     assert little.model.config.n_layers == 1 and little.model.layers[0] is big.model.layers[0]
@@ -160,6 +162,59 @@ def test_packed_bf16_is_bitwise_unpacked(tiny):
         runner.start(ids)
     assert torch.equal(packed.forward(ids, keep=6), plain.forward(ids, keep=6))
     assert torch.equal(packed.forward([10]), plain.forward([10]))
+
+
+def rounded_to_fp16(model):
+    """The function fp16 weights compute: every matmul and embedding weight fp16-rounded, norms and maths fp32."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in ref.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.copy_(module.weight.half().float())
+    return ref
+
+
+@needs_fp16
+def test_fp16_weights_match_the_fp16_rounded_model(tiny):
+    torch.manual_seed(2)
+    ids = torch.randint(0, 128, (20,)).tolist()
+    runner = NativeRunner.from_hf(fp16_params(tiny), dtype=torch.float16)
+    assert runner.model.dtype == torch.float32 and runner.model.weights == torch.float16
+    assert isinstance(runner.model.layers[0].wqkv, torch.ScriptObject)  # packed for fbgemm
+    ref = rounded_to_fp16(tiny)
+    runner.start(ids[:12])
+    check_packed(runner.forward(ids[:12], keep=12), hf_logits(ref, ids[:12], 12))
+    check_packed(runner.forward([ids[12]]), hf_logits(ref, ids[:13], 1))
+    runner.crop(10)
+    check_packed(runner.forward(ids[13:18], keep=5), hf_logits(ref, ids[:10] + ids[13:18], 5))
+    from_fp32 = NativeRunner.from_hf(tiny, dtype=torch.float16)  # an fp32 model is rounded on conversion
+    from_fp32.start(ids)
+    check_packed(from_fp32.forward(ids, keep=20), hf_logits(ref, ids, 20))
+
+
+def check_packed(got, want):
+    err = (got - want).abs().max().item()
+    assert err <= max(FP32_TOL, PACKED_FP32_REL * want.abs().max().item()), f"max abs error {err:.3g}"
+
+
+@needs_fp16
+def test_fp16_early_exit_shares_packed_weights(tiny):
+    big = NativeRunner.from_hf(tiny, dtype=torch.float16)
+    little = big.early_exit(1)
+    assert little.model.layers[0] is big.model.layers[0] and little.model.weights == torch.float16
+    ids = [7, 8, 9, 10, 11]
+    little.start(ids)
+    check_packed(little.forward(ids, keep=5), hf_logits(hf_early_exit(rounded_to_fp16(tiny), 1), ids, 5))
+
+
+def test_fp16_weights_refuse_unpacked_and_unsupported_cpus(tiny, monkeypatch):
+    with pytest.raises(ValueError, match="only packed"):
+        native.from_hf(tiny, torch.float16, pack=False)
+    monkeypatch.setattr(native, "fp16_supported", lambda: False)
+    with pytest.raises(ValueError, match="fbgemm"):
+        native.from_hf(tiny, torch.float16)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        native.from_hf(tiny, torch.float64)
 
 
 def test_cache_overflow_and_bad_keep_raise():
@@ -210,6 +265,17 @@ def test_smollm2_logits_and_greedy(smollm2):
     assert err <= PACKED_FP32_REL * want.abs().max().item()
     runner.start(prompt)
     assert greedy(lambda ids: runner.forward(ids)[-1], prompt, 16) == hf_greedy(smollm2, prompt, 16)
+
+
+@needs_fp16
+def test_smollm2_fp16_weights_match_the_fp16_rounded_model(smollm2):
+    prompt = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30]
+    ref = rounded_to_fp16(smollm2)
+    runner = NativeRunner.from_hf(smollm2, dtype=torch.float16, max_length=64)
+    runner.start(prompt)
+    check_packed(runner.forward(prompt, keep=len(prompt)), hf_logits(ref, prompt, len(prompt)))
+    runner.start(prompt)
+    assert greedy(lambda ids: runner.forward(ids)[-1], prompt, 16) == hf_greedy(ref, prompt, 16)
 
 
 
