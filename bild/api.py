@@ -40,11 +40,19 @@ class BigLittle:
         self.engine = type(self.big_runner).__name__
         self.eos_ids = _eos_ids(big, tokenizer)
 
+    @property
+    def precision(self) -> str:
+        """What the big model computes in, e.g. "torch.float16 weights, torch.float32 activations"."""
+        m = getattr(self.big_runner, "model", None)
+        weights, acts = getattr(m, "weights", self.big.dtype), getattr(m, "dtype", self.big.dtype)
+        return str(acts) if weights == acts else f"{weights} weights, {acts} activations"
+
     @classmethod
     def load(cls, big: str = "smollm2-135m", little: str | None = None, dtype=None, device=None,
              engine: str = "auto") -> BigLittle:
         """Load by alias, hub id, directory or .gguf file; little=None is the big model's default little model.
-        dtype=None: bf16 where the CPU computes it natively and the native engine applies, else fp32."""
+        dtype=None: see models.default_dtype (bf16 or fp16 weights on the native engine, else fp32). Outputs are
+        lossless relative to the big model as loaded: with bf16 or fp16, to its rounded weights."""
         big_model, tokenizer = models.load(big, dtype=dtype, device=device, engine=engine)
         little = little if little is not None else models.default_little(big)
         little_model = models.load_little(little, big_model, dtype=big_model.dtype, device=device)

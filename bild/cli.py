@@ -77,7 +77,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--little", default=None,
                    help="little model: directory, .gguf, hub id or early-exit:K (default: the big model's default)")
     p.add_argument("--dtype", default=None,
-                   help="fp32 or bf16 (default: bf16 on the native engine where the CPU has bf16, else fp32)")
+                   help="fp32 (exact), bf16, or fp16 (native engine: fp16 weights, fp32 activations). Default on "
+                        "the native engine: bf16 where the CPU has it, else fp16 on x86; fp32 elsewhere")
     p.add_argument("--engine", default="auto", choices=["auto", "hf", "native"],
                    help="native: lean LLaMA-family CPU forward; hf: transformers; auto (default): native where it applies")
 
@@ -110,7 +111,7 @@ def load_pair(args: argparse.Namespace):
     from .api import BigLittle
 
     bl = BigLittle.load(big=args.big, little=args.little, dtype=args.dtype, engine=args.engine)
-    print(f"little model: {bl.little_description}; engine: {bl.engine}, {bl.big.dtype}", file=sys.stderr)
+    print(f"little model: {bl.little_description}; engine: {bl.engine}, {bl.precision}", file=sys.stderr)
     return bl
 
 

@@ -54,7 +54,7 @@ def _looks_like_path(spec: str) -> bool:
 def load(spec: str, dtype=None, device=None, engine: str = "hf"):
     """Load (model, tokenizer) from an alias, hub id, directory or .gguf file.
 
-    dtype=None means fp32, except bf16 where the native engine will run it on a CPU with native bf16."""
+    dtype=None: see default_dtype. float16 is for the native engine: fp16 weights, fp32 activations."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     where, gguf = resolve(spec)
@@ -76,11 +76,15 @@ def load(spec: str, dtype=None, device=None, engine: str = "hf"):
 
 
 def default_dtype(config, engine: str) -> torch.dtype:
+    """What the native engine runs fastest where it applies: bf16 on CPUs that compute it natively, else fp16
+    weights with fp32 activations (x86 fbgemm); fp32 for everything else, and for the HF engine."""
     from . import native
 
-    if engine != "hf" and config.model_type in native.SUPPORTED_TYPES and native.bf16_supported():
+    if engine == "hf" or not native.config_supported(config):
+        return torch.float32
+    if native.bf16_supported():
         return torch.bfloat16
-    return torch.float32
+    return torch.float16 if native.fp16_supported() else torch.float32
 
 
 def _converted(directory: str, gguf: str) -> tuple[str, str | None]:

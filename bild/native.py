@@ -96,9 +96,7 @@ class KVCache:
 def supports(hf_model) -> bool:
     """Whether `NativeRunner.from_hf` handles this Hugging Face model exactly; others keep the HF path."""
     cfg = getattr(hf_model, "config", None)
-    if cfg is None or getattr(cfg, "is_encoder_decoder", False):
-        return False
-    if getattr(cfg, "model_type", None) not in SUPPORTED_TYPES or getattr(cfg, "hidden_act", None) != "silu":
+    if cfg is None or not config_supported(cfg):
         return False
     inner = getattr(hf_model, "model", None)
     rotary = getattr(inner, "rotary_emb", None)
@@ -107,6 +105,16 @@ def supports(hf_model) -> bool:
     head = getattr(hf_model, "lm_head", None)
     plain = isinstance(head, torch.nn.Linear) and head.bias is None
     return (plain or _is_reduced_head(head)) and len(inner.layers) > 0
+
+
+def config_supported(cfg) -> bool:
+    """What `supports` can tell from a model's config alone, before its weights are loaded."""
+    if getattr(cfg, "is_encoder_decoder", False):
+        return False
+    if getattr(cfg, "model_type", None) not in SUPPORTED_TYPES or getattr(cfg, "hidden_act", None) != "silu":
+        return False
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    return rope.get("rope_type", rope.get("type", "default")) not in DYNAMIC_ROPE
 
 
 def _is_reduced_head(head) -> bool:

@@ -11,12 +11,13 @@ import torch
 from bild import BigLittle, BildError
 from bild.bench import load_tuned
 from bild.bench.datasets import load_items, read_jsonl_items
-from bild.bench.methods import Method, parse_method
+from bild.bench.methods import Method, hf_models, parse_method
 from bild.bench.quality import (acceptance_by_position, corpus_bleu, extract_code, humaneval_completion,
                                 humaneval_passed, nll_sum, perplexity, rouge_l)
 from bild.bench.runner import RECORDS, read_records, run_bench, schedule
 from bild.bench.summary import markdown, summarize
 from bild.bench.sweep import choose, grid, parse_budget, pareto_front
+from conftest import fp16_params
 
 # --- method specs -----------------------------------------------------------------------------------------
 
@@ -140,6 +141,23 @@ def test_records_schema_order_and_resume(pair_bl, tmp_path):
     assert read_records(path) == again
     with pytest.raises(BildError, match="different settings"):
         run_bench(pair_bl, [], methods, out, 7, {"big": "tiny"}, progress=False)
+
+
+def test_fp16_weights_bench_hf_baselines_in_fp32_on_the_same_rounded_weights(llama_pair, tok, tmp_path):
+    bl = BigLittle(*(fp16_params(m) for m in llama_pair), tok, engine="native")
+    assert bl.precision == "torch.float16 weights, torch.float32 activations"
+    big, little = hf_models(bl)
+    assert big.dtype == little.dtype == torch.float32 and hf_models(bl)[0] is big  # converted once
+    assert torch.equal(big.lm_head.weight, bl.big.lm_head.weight.float())
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(["abc", "xyz!"])))
+    methods = [parse_method(s) for s in ("ar", "speculative:gamma=3", "hf-generate", "hf-assisted")]
+    records = run_bench(bl, load_items(f"jsonl:{data}"), methods, str(tmp_path / "run"), 8, {"big": "tiny"},
+                        progress=False)
+    by = {(r["prompt_id"], r["method"]): r for r in records}
+    for p in ("p0", "p1"):  # the same function in fp32 maths: the same greedy tokens on these prompts
+        assert {tuple(by[p, m.label]["token_ids"]) for m in methods} == {tuple(by[p, "ar"]["token_ids"])}
+        assert by[p, "ar"]["big_nll"] > 0
 
 
 # --- metrics ----------------------------------------------------------------------------------------------

@@ -338,3 +338,17 @@ def test_smollm2_bf16_verification_is_bitwise(smollm2):
     runner = NativeRunner.from_hf(smollm2, dtype=torch.bfloat16, max_length=128)
     prompt = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30, 2, 198, 1, 4093, 198]
     assert all(chunked_vs_single(runner, prompt, [504, 3458, 314, 253, 1345, 28, 1271, 29, 31], 4))
+
+
+def test_default_dtype_is_the_fastest_native_precision_where_it_applies(monkeypatch):
+    from bild.models import default_dtype
+
+    llama = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    dynamic = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                          rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    for bf16, fp16, want in ((True, True, torch.bfloat16), (False, True, torch.float16), (False, False, torch.float32)):
+        monkeypatch.setattr(native, "bf16_supported", lambda: bf16)
+        monkeypatch.setattr(native, "fp16_supported", lambda: fp16)
+        assert default_dtype(llama, "auto") == default_dtype(llama, "native") == want
+        assert default_dtype(llama, "hf") == torch.float32  # transformers' CPU maths stay fp32
+        assert default_dtype(GPT2Config(), "auto") == default_dtype(dynamic, "auto") == torch.float32

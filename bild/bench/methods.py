@@ -7,6 +7,7 @@ prompt lookup. `llamacpp` runs the big model's GGUF file in llama.cpp when `llam
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from contextlib import contextmanager
@@ -141,8 +142,9 @@ def _run_engine(bl, method: Method, prompt, max_new_tokens: int) -> dict:
 def _run_hf(bl, method: Method, prompt, max_new_tokens: int) -> dict:
     import torch
 
+    big, little = hf_models(bl)
     ids = bl.encode(prompt)
-    x = torch.tensor([ids], device=bl.big.device)  # (1, T)
+    x = torch.tensor([ids], device=big.device)  # (1, T)
     eos = sorted(bl.eos_ids)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
                   eos_token_id=eos, pad_token_id=bl.tokenizer.pad_token_id if bl.tokenizer.pad_token_id
@@ -151,12 +153,12 @@ def _run_hf(bl, method: Method, prompt, max_new_tokens: int) -> dict:
         if getattr(bl.little_runner, "needs_big", False):
             raise BildError("hf-assisted needs a Hugging Face little model; this one reads the big model's "
                             "features and runs only in bild's native engine")
-        kwargs["assistant_model"] = bl.little
+        kwargs["assistant_model"] = little
     if method.name == "hf-prompt-lookup":
         kwargs["prompt_lookup_num_tokens"] = {**DEFAULTS[method.name], **method.kwargs}["prompt_lookup_num_tokens"]
-    with count_calls(bl.big) as big_calls, count_calls(bl.little) as little_calls, torch.inference_mode():
+    with count_calls(big) as big_calls, count_calls(little) as little_calls, torch.inference_mode():
         t0 = time.perf_counter()
-        out = bl.big.generate(x, **kwargs)  # (1, T + new)
+        out = big.generate(x, **kwargs)  # (1, T + new)
         seconds = time.perf_counter() - t0
     new = out[0, len(ids):].tolist()
     if any(t in bl.eos_ids for t in new):  # drop padding after the first EOS, keep the EOS like the engine does
@@ -167,6 +169,21 @@ def _run_hf(bl, method: Method, prompt, max_new_tokens: int) -> dict:
                 accepted=None, drafted=None,
                 finish_reason="stop" if new and new[-1] in bl.eos_ids else "length",
                 text=bl.tokenizer.decode(new, skip_special_tokens=True), token_ids=new)
+
+
+_FP32 = {}
+
+
+def hf_models(bl) -> tuple:
+    """The models transformers' generate runs. With fp16 weights (native engine) they are fp32 copies of the same
+    rounded weights: HF on CPU in fp16 is neither fast nor what anyone would compare against."""
+    import torch
+
+    if bl.big.dtype != torch.float16:
+        return bl.big, bl.little
+    if _FP32.get("of") is not bl:  # one pair at a time: a benchmark run uses one BigLittle
+        _FP32.update({"of": bl, "pair": (copy.deepcopy(bl.big).float(), copy.deepcopy(bl.little).float())})
+    return _FP32["pair"]
 
 
 @contextmanager

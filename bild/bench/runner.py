@@ -128,7 +128,8 @@ def run_bench(bl, items: list[Item], methods: list[M.Method], out_dir: str, max_
 def run_one(bl, method: M.Method, item: Item, max_new_tokens: int, timeout: float = 10.0) -> dict:
     fields = M.run(bl, method, item.prompt, max_new_tokens)
     record = {"method": method.label, "params": _jsonable(method.kwargs), "prompt_id": item.id, **fields}
-    record["big_nll"] = continuation_nll(bl.big, bl.encode(item.prompt), fields["token_ids"])  # after timing
+    big = M.hf_models(bl)[0]  # fp32 maths, also for fp16 weights
+    record["big_nll"] = continuation_nll(big, bl.encode(item.prompt), fields["token_ids"])  # after timing
     record["passed"] = humaneval_passed(item.problem, fields["text"], timeout) if item.problem else None
     record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return record
