@@ -352,8 +352,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (T, heads, D), cos/sin (T, 1, D) -> x rotated; roll by D/2 plus the folded sign is rotate_half."""
-    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
+    """x (..., T, heads, D), cos/sin (T, 1, D) -> x rotated. Swapping the halves (a roll by D/2, one flip here)
+    plus the sign folded into sin is rotate_half."""
+    swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)  # (..., heads, 2, D/2) -> [x2, x1]
+    return x * cos + swapped * sin
 
 
 def group_mask(start: int, end: int, groups: int) -> Tensor:
