@@ -4,8 +4,9 @@
 
 Runs every weight product of one forward (30 layers x qkv, o, gate/up, down, plus the 49,152-row head) for k rows
 (k = 1 a decode step, 2 the two-row form bild uses for one row, 9 a verification of 8 drafts) with:
-plain fp32 F.linear, fp32 weights pre-packed for oneDNN (what bild.native uses), and torch's weight-only int8
-product with per-row scales. Random weights of the real shapes: only speed is measured. Prints best-of-repeats ms.
+plain fp32 F.linear, fp32 weights pre-packed for oneDNN (what bild.native uses in fp32), torch's weight-only
+int8 product with per-row scales, and fbgemm's fp16-weight product (bild.native's fp16). Random weights of the
+real shapes: only speed is measured. Prints best-of-repeats ms.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bild import native
+
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]  # (out, in) per product
 
 
@@ -23,10 +26,13 @@ def kernels(weights: list[torch.Tensor]) -> dict:
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, 9) for w in weights]
     scales = [w.abs().amax(1) / 127 for w in weights]
     int8 = [(w / s[:, None]).round().clamp(-127, 127).to(torch.int8) for w, s in zip(weights, scales)]
+    fp16 = [native.fp16_weight(w) for w in weights]
     return {
         "fp32 F.linear": lambda j, x: F.linear(x, weights[j]),
         "fp32 packed (oneDNN)": lambda j, x: torch.ops.mkldnn._linear_pointwise(x, packed[j], None, "none", [], ""),
         "int8 weight-only": lambda j, x: torch.ops.aten._weight_int8pack_mm(x, int8[j], scales[j]),
+        "fp16 weights, fbgemm (what bild.native uses without bf16)":
+            lambda j, x: torch.ops.quantized.linear_dynamic_fp16(x, fp16[j]),
     }
 
 

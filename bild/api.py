@@ -44,7 +44,7 @@ class BigLittle:
     def precision(self) -> str:
         """What the big model computes in, e.g. "torch.float16 weights, torch.float32 activations"."""
         m = getattr(self.big_runner, "model", None)
-        weights, acts = getattr(m, "weights", self.big.dtype), getattr(m, "dtype", self.big.dtype)
+        weights, acts = getattr(m, "matmul_dtype", self.big.dtype), getattr(m, "dtype", self.big.dtype)
         return str(acts) if weights == acts else f"{weights} weights, {acts} activations"
 
     @classmethod

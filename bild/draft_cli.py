@@ -108,7 +108,8 @@ def _teacher_args(p, split: str) -> None:
                         "calibration ShareGPT text (--text-tokens of it), no generation")
     p.add_argument("--text-tokens", type=int, default=1_000_000)
     p.add_argument("--engine", choices=("auto", "native", "hf"), default="auto",
-                   help="auto: batched native bf16 where supported (LLaMA family), else the HF model")
+                   help="auto: the batched native engine in its fastest precision where supported (LLaMA family), "
+                        "else the HF model")
     p.add_argument("--threads", type=int, default=2)
 
 

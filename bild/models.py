@@ -82,9 +82,7 @@ def default_dtype(config, engine: str) -> torch.dtype:
 
     if engine == "hf" or not native.config_supported(config):
         return torch.float32
-    if native.bf16_supported():
-        return torch.bfloat16
-    return torch.float16 if native.fp16_supported() else torch.float32
+    return native.fastest_dtype()
 
 
 def _converted(directory: str, gguf: str) -> tuple[str, str | None]:

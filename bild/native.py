@@ -80,7 +80,8 @@ class NativeModel:
         return self.embed.dtype
 
     @property
-    def weights(self) -> torch.dtype:
+    def matmul_dtype(self) -> torch.dtype:
+        """Of the layers' and head's matmul weights."""
         return self.weight_dtype or self.dtype
 
 
@@ -139,11 +140,18 @@ def fp16_supported() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
+def fastest_dtype() -> torch.dtype:
+    """bf16 where the CPU computes it natively, else fp16 weights where fbgemm has them, else fp32."""
+    if bf16_supported():
+        return torch.bfloat16
+    return torch.float16 if fp16_supported() else torch.float32
+
+
 def resolve_dtype(dtype: torch.dtype | None) -> torch.dtype:
-    """None -> bf16 where the CPU has it, else fp32; a bf16 request on a CPU without it falls back to fp32.
+    """None -> fastest_dtype(); a bf16 request on a CPU without it falls back to fp32.
     float16 means fp16 weights with fp32 activations (pack_fp16), never fp16 arithmetic."""
     if dtype is None:
-        return torch.bfloat16 if bf16_supported() else torch.float32
+        return fastest_dtype()
     if dtype == torch.bfloat16 and not bf16_supported():
         warnings.warn("this CPU has no native bf16; the native forward runs in float32")
         return torch.float32
@@ -305,7 +313,7 @@ def streamed_bytes(model: NativeModel) -> int:
     per_layer = qkv * c.dim + c.dim * c.n_heads * c.head_dim + 3 * c.ffn_dim * c.dim  # wqkv, wo, w13 and w2
     head = (c.vocab_size if model.head_ids is None else model.head_ids.shape[0]) * c.dim
     norms = (2 * c.n_layers + 1) * c.dim
-    return (c.n_layers * per_layer + head) * model.weights.itemsize + norms * model.dtype.itemsize
+    return (c.n_layers * per_layer + head) * model.matmul_dtype.itemsize + norms * model.dtype.itemsize
 
 
 def rope_tables(inv_freq: Tensor, scaling: float, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

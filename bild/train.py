@@ -42,7 +42,7 @@ class TeacherConfig:
     shard_batches: int = 8            # write a shard every this many batches (resume skips written shards)
     max_shards: int | None = None     # stop after this many shards
     engine: str = "auto"              # native (batched, bf16 where supported: the model users decode with) | hf
-    dtype: torch.dtype | None = None  # native only; None: bf16 where the CPU has it, else fp32
+    dtype: torch.dtype | None = None  # native only; None: native.fastest_dtype() (bf16, else fp16 weights, else fp32)
     features: bool = False            # native only: also keep the big model's final normed hidden states
     source: str = "aligned"           # aligned: greedy continuations of prompts | text: calibration ShareGPT text
     text_tokens: int = 1_000_000      # text: how many tokens, cut into max_prompt_tokens-long chunks

@@ -179,7 +179,7 @@ def test_fp16_weights_match_the_fp16_rounded_model(tiny):
     torch.manual_seed(2)
     ids = torch.randint(0, 128, (20,)).tolist()
     runner = NativeRunner.from_hf(fp16_params(tiny), dtype=torch.float16)
-    assert runner.model.dtype == torch.float32 and runner.model.weights == torch.float16
+    assert runner.model.dtype == torch.float32 and runner.model.matmul_dtype == torch.float16
     assert isinstance(runner.model.layers[0].wqkv, torch.ScriptObject)  # packed for fbgemm
     ref = rounded_to_fp16(tiny)
     runner.start(ids[:12])
@@ -201,13 +201,14 @@ def check_packed(got, want):
 def test_fp16_early_exit_shares_packed_weights(tiny):
     big = NativeRunner.from_hf(tiny, dtype=torch.float16)
     little = big.early_exit(1)
-    assert little.model.layers[0] is big.model.layers[0] and little.model.weights == torch.float16
+    assert little.model.layers[0] is big.model.layers[0] and little.model.matmul_dtype == torch.float16
     ids = [7, 8, 9, 10, 11]
     little.start(ids)
     check_packed(little.forward(ids, keep=5), hf_logits(hf_early_exit(rounded_to_fp16(tiny), 1), ids, 5))
 
 
 def test_fp16_weights_refuse_unpacked_and_unsupported_cpus(tiny, monkeypatch):
+    monkeypatch.setattr(native, "fp16_supported", lambda: True)  # refused before any packing, on any CPU
     with pytest.raises(ValueError, match="only packed"):
         native.from_hf(tiny, torch.float16, pack=False)
     monkeypatch.setattr(native, "fp16_supported", lambda: False)
