@@ -31,7 +31,7 @@ class BigLittle:
 
     def __init__(self, big, little, tokenizer, little_description: str = "user-supplied model", engine: str = "auto"):
         """engine: "native" (LLaMA-family CPU forward), "hf" (transformers), or "auto" (native where it applies).
-        The native engine runs in the HF models' dtype."""
+        The native engine runs in the HF models' dtype (float16: fp16 weights, fp32 activations)."""
         models.check_pair(big, little)
         self.big, self.little, self.tokenizer = big, little, tokenizer
         self.little_description = little_description

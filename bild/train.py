@@ -41,7 +41,7 @@ class TeacherConfig:
     top_k: int = 32
     shard_batches: int = 8            # write a shard every this many batches (resume skips written shards)
     max_shards: int | None = None     # stop after this many shards
-    engine: str = "auto"              # native (batched, bf16 where supported: the model users decode with) | hf
+    engine: str = "auto"              # native (batched, in the precision users decode with) | hf
     dtype: torch.dtype | None = None  # native only; None: native.fastest_dtype() (bf16, else fp16 weights, else fp32)
     features: bool = False            # native only: also keep the big model's final normed hidden states
     source: str = "aligned"           # aligned: greedy continuations of prompts | text: calibration ShareGPT text
