@@ -208,6 +208,8 @@ class TrainConfig:
     w_kd: float = 1.0                  # token-level KD weight
     w_ce: float = 1.0                  # sequence-level KD weight (cross-entropy to the big model's greedy token)
     w_reg: float = 1.0                 # feature drafts: smooth-L1 regression of the predicted features
+    fc_lr_scale: float = 1.0           # feature drafts: the fc's learning rate relative to lr (its feature half
+                                       # reads inputs ~14x the embedding's scale; see param_groups)
     max_steps: int = 10_000_000
     max_minutes: float = 10.0
     eval_every_minutes: float = 2.0
@@ -217,8 +219,8 @@ class TrainConfig:
     autocast: bool | None = None       # bf16 autocast on CPU; None: where the CPU has native bf16 (else emulated, slow)
 
     def __post_init__(self):
-        if self.lr <= 0 or self.batch_size < 1:
-            raise ValueError("lr must be > 0 and batch_size >= 1")
+        if self.lr <= 0 or self.batch_size < 1 or self.fc_lr_scale <= 0:
+            raise ValueError("lr and fc_lr_scale must be > 0 and batch_size >= 1")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be constant or cosine, got {self.schedule!r}")
         if self.schedule == "cosine" and self.max_steps >= 10_000_000:
@@ -363,6 +365,18 @@ def resume(cfg: TrainConfig, draft, big, optimizer) -> TrainState:
     return TrainState(**blob["state"])
 
 
+def param_groups(draft: torch.nn.Module, params: list, cfg: TrainConfig) -> list[dict]:
+    """One group, or two when fc_lr_scale != 1: a feature draft's fc apart. Adam moves every entry by about the
+    learning rate whatever its gradient, and the fc's feature half multiplies features ~14x the embedding's scale,
+    so at the common rate a draft started from a shallow one (fc = [I; 0]) drowns its token signal at once."""
+    fc = getattr(draft, "fc", None)
+    if cfg.fc_lr_scale == 1.0 or fc is None:
+        return [{"params": params}]
+    own = {id(p) for p in fc.parameters()}
+    return [{"params": [p for p in params if id(p) not in own]},
+            {"params": [p for p in params if id(p) in own], "lr_scale": cfg.fc_lr_scale}]
+
+
 def _lr(cfg: TrainConfig, step: int) -> float:
     warm = min(1.0, (step + 1) / cfg.warmup_steps)
     if cfg.schedule == "constant":
@@ -398,7 +412,7 @@ def train(draft, big, cfg: TrainConfig, examples: list[dict] | None = None, held
     params = trainable_parameters(draft, big)
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(param_groups(draft, params, cfg), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.98))
     state = resume(cfg, draft, big, optimizer)
     autocast = native.bf16_supported() if cfg.autocast is None else cfg.autocast
     lookup = vocab_lookup(draft, big.config.vocab_size)
@@ -415,7 +429,7 @@ def train(draft, big, cfg: TrainConfig, examples: list[dict] | None = None, held
         t0 = time.time()
         draft.train()
         for group in optimizer.param_groups:
-            group["lr"] = _lr(cfg, state.step)
+            group["lr"] = _lr(cfg, state.step) * group.get("lr_scale", 1.0)
         aligned = batches is not None and (text_batches is None or state.step % cfg.aligned_every == 0)
         if aligned:
             if state.batch_in_epoch >= len(batches):

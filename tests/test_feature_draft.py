@@ -8,9 +8,9 @@ import torch
 
 from bild import BigLittle, BildError
 from bild import native
-from bild.draft import DraftRecipe, build_draft, load_draft, save_draft
+from bild.draft import DraftRecipe, build_draft, load_draft, save_draft, trainable_parameters
 from bild.feature_draft import FeatureDraft, FeatureRunner, shifted
-from bild.train import TeacherConfig, TrainConfig, agreement, teacher_generator, train
+from bild.train import TeacherConfig, TrainConfig, agreement, param_groups, teacher_generator, train
 from conftest import tiny_llama
 from test_lossless import (SAMPLING, assert_matches, empirical, exact_two_token_distribution, random_prompts)
 
@@ -230,3 +230,20 @@ def test_teacher_config_refuses_what_only_the_native_engine_makes():
 def test_teacher_caches_without_features_are_refused_clearly(big, trained, tok, tmp_path):
     with pytest.raises(BildError, match="--features"):
         agreement(trained[0], teacher_examples(big, tok, tmp_path, 2, seed=31, features=False), pad_id=0)
+
+
+def test_fc_learning_rate_scale_gives_the_fc_its_own_group(big, tok, tmp_path):
+    draft = build_draft(big, DraftRecipe(kind="feature", n_layers=1))
+    params = trainable_parameters(draft, big)
+    rest, fc = param_groups(draft, params, TrainConfig(out_dir=str(tmp_path), fc_lr_scale=0.01))
+    assert {id(p) for p in fc["params"]} == {id(p) for p in draft.fc.parameters()} and fc["lr_scale"] == 0.01
+    assert len(rest["params"]) + len(fc["params"]) == len(params)
+    assert param_groups(draft, params, TrainConfig(out_dir=str(tmp_path))) == [{"params": params}]
+    with pytest.raises(ValueError, match="fc_lr_scale"):
+        TrainConfig(out_dir=str(tmp_path), fc_lr_scale=0.0)
+    examples = teacher_examples(big, tok, tmp_path, 8, seed=3)
+    train(draft, big, TrainConfig(out_dir=str(tmp_path / "run"), lr=1e-3, fc_lr_scale=0.01, max_steps=2,
+                                  warmup_steps=1, autocast=False, threads=1, max_minutes=5), examples=examples,
+          pad_id=0)
+    groups = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-5])
