@@ -370,8 +370,10 @@ def param_groups(draft: torch.nn.Module, params: list, cfg: TrainConfig) -> list
     learning rate whatever its gradient, and the fc's feature half multiplies features ~14x the embedding's scale,
     so at the common rate a draft started from a shallow one (fc = [I; 0]) drowns its token signal at once."""
     fc = getattr(draft, "fc", None)
-    if cfg.fc_lr_scale == 1.0 or fc is None:
+    if cfg.fc_lr_scale == 1.0:
         return [{"params": params}]
+    if fc is None:
+        raise ValueError("fc_lr_scale applies to feature drafts only; this draft has no fc")
     own = {id(p) for p in fc.parameters()}
     return [{"params": [p for p in params if id(p) not in own]},
             {"params": [p for p in params if id(p) in own], "lr_scale": cfg.fc_lr_scale}]

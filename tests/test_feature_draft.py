@@ -241,6 +241,9 @@ def test_fc_learning_rate_scale_gives_the_fc_its_own_group(big, tok, tmp_path):
     assert param_groups(draft, params, TrainConfig(out_dir=str(tmp_path))) == [{"params": params}]
     with pytest.raises(ValueError, match="fc_lr_scale"):
         TrainConfig(out_dir=str(tmp_path), fc_lr_scale=0.0)
+    shallow = build_draft(big, DraftRecipe(n_layers=1))
+    with pytest.raises(ValueError, match="feature drafts only"):
+        param_groups(shallow, trainable_parameters(shallow, big), TrainConfig(out_dir=str(tmp_path), fc_lr_scale=0.1))
     examples = teacher_examples(big, tok, tmp_path, 8, seed=3)
     train(draft, big, TrainConfig(out_dir=str(tmp_path / "run"), lr=1e-3, fc_lr_scale=0.01, max_steps=2,
                                   warmup_steps=1, autocast=False, threads=1, max_minutes=5), examples=examples,
