@@ -23,7 +23,7 @@ SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)
 
 
 def kernels(weights: list[torch.Tensor]) -> dict:
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 9) for w in weights]
+    packed = [native.onednn_weight(w, 9) for w in weights]
     scales = [w.abs().amax(1) / 127 for w in weights]
     int8 = [(w / s[:, None]).round().clamp(-127, 127).to(torch.int8) for w, s in zip(weights, scales)]
     fp16 = [native.fp16_weight(w) for w in weights]

@@ -264,10 +264,14 @@ def pack_weights(model: NativeModel, batch_hint: int = PACK_BATCH_HINT) -> Nativ
     instead of 91 (benchmarks/native_forward.py measures both). Results are bitwise those of F.linear in
     bf16, and differ from it in the last bits in fp32. Norms, embedding and biases stay plain tensors."""
     def packed(w: Tensor) -> Tensor:
-        return w if w.is_mkldnn else torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
+        return onednn_weight(w, batch_hint)
     layers = [dataclasses.replace(layer, wqkv=packed(layer.wqkv), wo=packed(layer.wo), w13=packed(layer.w13),
                                   w2=packed(layer.w2)) for layer in model.layers]
     return dataclasses.replace(model, layers=layers, head=packed(model.head))
+
+
+def onednn_weight(w: Tensor, batch_hint: int = PACK_BATCH_HINT) -> Tensor:
+    return w if w.is_mkldnn else torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
 
 
 def pack_fp16(model: NativeModel) -> NativeModel:
@@ -291,18 +295,16 @@ def fp16_weight(w: Tensor) -> torch.ScriptObject:
 
 def pack_like(model: NativeModel, like: NativeModel) -> NativeModel:
     """Pack `model` (plain tensors, like's activation dtype) the way `like` is packed, so both take one kernel."""
-    w = like.layers[0].wqkv
-    if isinstance(w, torch.ScriptObject):
+    if like.matmul_dtype == torch.float16:
         return pack_fp16(model)
-    return pack_weights(model) if w.is_mkldnn else model
+    return pack_weights(model) if like.layers[0].wqkv.is_mkldnn else model
 
 
 def pack_weight_like(w: Tensor, like: NativeModel) -> Tensor | torch.ScriptObject:
     """One extra matmul weight (a feature draft's fc) packed as `like`'s layers are."""
-    ref = like.layers[0].wqkv
-    if isinstance(ref, torch.ScriptObject):
+    if like.matmul_dtype == torch.float16:
         return fp16_weight(w)
-    return torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT) if ref.is_mkldnn else w
+    return onednn_weight(w) if like.layers[0].wqkv.is_mkldnn else w
 
 
 def streamed_bytes(model: NativeModel) -> int:
