@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from . import models
+from . import models, native
 from .cache import make_runner
 from .config import GenerationConfig
 from .errors import BildError
@@ -44,8 +44,7 @@ class BigLittle:
     def precision(self) -> str:
         """What the big model computes in, e.g. "torch.float16 weights, torch.float32 activations"."""
         m = getattr(self.big_runner, "model", None)
-        weights, acts = getattr(m, "matmul_dtype", self.big.dtype), getattr(m, "dtype", self.big.dtype)
-        return str(acts) if weights == acts else f"{weights} weights, {acts} activations"
+        return m.precision if isinstance(m, native.NativeModel) else str(self.big.dtype)
 
     @classmethod
     def load(cls, big: str = "smollm2-135m", little: str | None = None, dtype=None, device=None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 
 import torch
@@ -58,13 +59,14 @@ def load(spec: str, dtype=None, device=None, engine: str = "hf"):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     where, gguf = resolve(spec)
+    blocks = bool(gguf) and gguf_blocks_only(os.path.join(where, gguf))
     if gguf:
         where, gguf = _converted(where, gguf)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        dtype = parse_dtype(dtype) if dtype is not None else default_dtype(config, engine)
+        dtype = parse_dtype(dtype) if dtype is not None else default_dtype(config, engine, blocks)
         model = auto.from_pretrained(where, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     except BildError:
@@ -75,22 +77,61 @@ def load(spec: str, dtype=None, device=None, engine: str = "hf"):
     return (model.to(device) if device else model), tokenizer
 
 
-def default_dtype(config, engine: str) -> torch.dtype:
-    """What the native engine runs fastest where it applies: bf16 on CPUs that compute it natively, else fp16
-    weights with fp32 activations (x86 fbgemm); fp32 for everything else, and for the HF engine."""
-    from . import native
+def default_dtype(config, engine: str, gguf_blocks: bool = False) -> torch.dtype:
+    """What the native engine runs fastest where it applies: fp32 on a GGUF file's own Q4_1/Q8_0 blocks where the
+    block kernels run (exact, and fastest), else bf16 on CPUs that compute it natively, else fp16 weights with fp32
+    activations (x86 fbgemm); fp32 for everything else, and for the HF engine."""
+    from . import kernels, native
 
     if engine == "hf" or not native.config_supported(config):
         return torch.float32
+    if gguf_blocks and kernels.unavailable() is None:
+        return torch.float32
     return native.fastest_dtype()
+
+
+def gguf_blocks_only(path: str) -> bool:
+    """Whether every quantised tensor of a GGUF file is Q4_1 or Q8_0, what bild/kernels reads exactly. Reading
+    the header takes seconds (its metadata holds the whole vocabulary), so the answer is cached per file."""
+    record = _cache_path("gguf-types", path) + ".json"
+    try:
+        with open(record) as f:
+            types = set(json.load(f))
+    except (OSError, ValueError):
+        try:
+            from gguf import GGUFReader
+
+            types = {t.tensor_type.name for t in GGUFReader(path).tensors}
+        except Exception:  # unreadable here means unreadable by transformers too; load() reports that
+            return False
+        _write_quietly(record, json.dumps(sorted(types)))
+    quantised = types - {"F32", "F16", "BF16"}
+    return bool(quantised) and quantised <= {"Q4_1", "Q8_0"}
+
+
+def _cache_path(kind: str, path: str) -> str:
+    """$BILD_CACHE/kind/<file name>-<size>-<mtime>: a key that changes when the file does."""
+    stat = os.stat(path)
+    cache_root = os.environ.get("BILD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "bild"))
+    name = os.path.basename(path).removesuffix(".gguf")
+    return os.path.join(cache_root, kind, f"{name}-{stat.st_size}-{int(stat.st_mtime)}")
+
+
+def _write_quietly(path: str, text: str) -> None:
+    """Atomically, or not at all on a read-only or full disk (the cache is an optimisation)."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.tmp{os.getpid()}", "w") as f:
+            f.write(text)
+        os.replace(f"{path}.tmp{os.getpid()}", path)
+    except OSError:
+        pass
 
 
 def _converted(directory: str, gguf: str) -> tuple[str, str | None]:
     """Dequantising a GGUF file takes ~20 s; do it once and keep a safetensors copy in the user's cache."""
     path = os.path.join(directory, gguf)
-    stat = os.stat(path)
-    cache_root = os.environ.get("BILD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "bild"))
-    target = os.path.join(cache_root, "converted", f"{gguf.removesuffix('.gguf')}-{stat.st_size}-{int(stat.st_mtime)}")
+    target = _cache_path("converted", path)
     if os.path.isfile(os.path.join(target, "config.json")):
         return target, None
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -7,6 +7,7 @@ next write overwrites them.
 
     runner = NativeRunner.from_hf(hf_model, dtype=torch.bfloat16)   # or torch.float32 for exactness
     runner = NativeRunner.from_hf(hf_model, dtype=torch.float16)    # fp16 weights, fp32 activations (x86 fbgemm)
+    runner = NativeRunner.from_hf(gguf_q4_model, dtype=torch.float32)  # fp32 on GGUF Q4_1/Q8_0 blocks, read exactly
     little = runner.early_exit(2)                                   # shares weights, own cache
 
 Handles LLaMA, Mistral and Qwen2 (q/k/v bias) from a loaded Hugging Face model; `supports()` says which.
@@ -21,6 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import kernels
+from .kernels import BlockWeight
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 DYNAMIC_ROPE = ("dynamic", "longrope")  # inverse frequencies that change with the sequence length
@@ -59,6 +63,7 @@ class Layer:
     b13: Tensor | None
     w2: Tensor  # (dim, ffn_dim)
     b2: Tensor | None
+    fused: kernels.LayerPointers | None = None  # every matmul weight in blocks: the whole layer runs in blocks.c
 
 
 @dataclass(slots=True)
@@ -73,6 +78,7 @@ class NativeModel:
     sin: Tensor  # (max_length, D), first half negated so that rotate_half(x) * sin == roll(x) * sin
     head_ids: Tensor | None = None  # reduced-vocabulary head: head is (N, dim) over these N token ids
     weight_dtype: torch.dtype | None = None  # of the matmul weights, when not `dtype` (fp16, see pack_fp16)
+    gguf_blocks: bool = False  # some matmul weights are GGUF blocks read exactly (see pack_blocks)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -81,8 +87,17 @@ class NativeModel:
 
     @property
     def matmul_dtype(self) -> torch.dtype:
-        """Of the layers' and head's matmul weights."""
+        """Of the layers' and head's matmul weights (float32 for blocks: they rebuild the fp32 weights exactly)."""
         return self.weight_dtype or self.dtype
+
+    @property
+    def precision(self) -> str:
+        """e.g. "torch.float32 on GGUF q4_1/q8_0 blocks" or "torch.float16 weights, torch.float32 activations"."""
+        if self.gguf_blocks:
+            kinds = sorted({w.kind for w in _matmul_weights(self) if isinstance(w, BlockWeight)})
+            return f"{self.dtype} on GGUF {'/'.join(kinds)} blocks (the file's weights, exactly)"
+        weights = self.matmul_dtype
+        return str(weights) if weights == self.dtype else f"{weights} weights, {self.dtype} activations"
 
 
 @dataclass(slots=True)
@@ -162,10 +177,14 @@ def resolve_dtype(dtype: torch.dtype | None) -> torch.dtype:
     return dtype
 
 
-def from_hf(hf_model, dtype: torch.dtype | None = None, pack: bool | None = None) -> NativeModel:
+def from_hf(hf_model, dtype: torch.dtype | None = None, pack: bool | None = None, gguf_blocks: bool | None = None,
+            rest: torch.dtype | None = None) -> NativeModel:
     """Copy-free where dtypes match: weights are referenced, fused and converted tensors are new.
     pack (default: where oneDNN is available) pre-reorders matmul weights into its blocked layout, see pack_weights.
-    dtype float16: fp32 everywhere except the matmul weights, which are fp16 and always packed (pack_fp16)."""
+    dtype float16: fp32 everywhere except the matmul weights, which are fp16 and always packed (pack_fp16).
+    gguf_blocks (float32 only; default: where the block kernels run): weights that are GGUF blocks, dequantised, are
+    read as those blocks (pack_blocks). rest=torch.float16 rounds the other matmul weights to fp16 (a little
+    model's own layers: a draft's precision never changes a lossless policy's output)."""
     if not supports(hf_model):
         raise ValueError(f"native forward does not handle {type(hf_model).__name__}")
     weights = resolve_dtype(dtype)
@@ -189,6 +208,10 @@ def from_hf(hf_model, dtype: torch.dtype | None = None, pack: bool | None = None
     model = NativeModel(config, embed, layers, _weight(inner.norm.weight, dtype), head, cos, sin, head_ids)
     _check_shapes(model)
     if weights == torch.float16:
+        return pack_fp16(model)
+    if weights == torch.float32 and (kernels.unavailable() is None if gguf_blocks is None else gguf_blocks):
+        model = pack_blocks(model)
+    if rest == torch.float16:
         return pack_fp16(model)
     return pack_weights(model) if (torch.backends.mkldnn.is_available() if pack is None else pack) else model
 
@@ -263,8 +286,8 @@ def pack_weights(model: NativeModel, batch_hint: int = PACK_BATCH_HINT) -> Nativ
     big model's matmuls of a one-token step took 26 ms instead of 45 and of a 9-token verification 40 ms
     instead of 91 (benchmarks/native_forward.py measures both). Results are bitwise those of F.linear in
     bf16, and differ from it in the last bits in fp32. Norms, embedding and biases stay plain tensors."""
-    def packed(w: Tensor) -> Tensor:
-        return onednn_weight(w, batch_hint)
+    def packed(w: Tensor | BlockWeight) -> Tensor | BlockWeight:
+        return w if isinstance(w, BlockWeight) else onednn_weight(w, batch_hint)
     layers = [dataclasses.replace(layer, wqkv=packed(layer.wqkv), wo=packed(layer.wo), w13=packed(layer.w13),
                                   w2=packed(layer.w2)) for layer in model.layers]
     return dataclasses.replace(model, layers=layers, head=packed(model.head))
@@ -287,14 +310,49 @@ def pack_fp16(model: NativeModel) -> NativeModel:
     return dataclasses.replace(model, layers=layers, head=fp16_weight(model.head), weight_dtype=torch.float16)
 
 
-def fp16_weight(w: Tensor) -> torch.ScriptObject:
+def fp16_weight(w: Tensor | BlockWeight) -> torch.ScriptObject | BlockWeight:
+    if isinstance(w, BlockWeight):
+        return w
     with warnings.catch_warnings():  # fbgemm warns about values it saturates; SmolLM2's weights have none
         warnings.simplefilter("ignore")
         return torch.ops.quantized.linear_prepack_fp16(w.float(), None)
 
 
+def pack_blocks(model: NativeModel) -> NativeModel:
+    """Every float32 matmul weight that is a dequantised GGUF Q4_1 (layers) or Q8_0 (head) matrix, read as those
+    blocks by bild/kernels: 6 and 9 bits a weight instead of 32, and the same fp32 values. SmolLM2-135M's GGUF
+    is all Q4_1 and a Q8_0 embedding. Others stay as they are: when layer 0's first weight is not made of blocks
+    (a trained draft's), no layer's is tried; a draft's head rows taken from the big model's are still found."""
+    if model.dtype != torch.float32:
+        return model
+
+    def read(w: Tensor | BlockWeight, kind: str = "q4_1") -> Tensor | BlockWeight:
+        return w if isinstance(w, BlockWeight) else kernels.to_blocks(w, kind) or w
+    layers = model.layers
+    if isinstance(read(layers[0].wqkv), BlockWeight):
+        layers = [_fuse(dataclasses.replace(layer, wqkv=read(layer.wqkv), wo=read(layer.wo), w13=read(layer.w13),
+                                            w2=read(layer.w2))) for layer in layers]
+    head = read(model.head, "q8_0")
+    found = layers is not model.layers or isinstance(head, BlockWeight)
+    return dataclasses.replace(model, layers=layers, head=head, gguf_blocks=found) if found else model
+
+
+def _fuse(layer: Layer) -> Layer:
+    pointers = kernels.layer_pointers([layer.wqkv, layer.wo, layer.w13, layer.w2],
+                                      [layer.bqkv, layer.bo, layer.b13, layer.b2], layer.attn_norm, layer.mlp_norm)
+    return dataclasses.replace(layer, fused=pointers)
+
+
+def _matmul_weights(model: NativeModel) -> list:
+    return [w for layer in model.layers for w in (layer.wqkv, layer.wo, layer.w13, layer.w2)] + [model.head]
+
+
 def pack_like(model: NativeModel, like: NativeModel) -> NativeModel:
-    """Pack `model` (plain tensors, like's activation dtype) the way `like` is packed, so both take one kernel."""
+    """Pack `model` (plain tensors, like's activation dtype) the way `like` is packed, so both take one kernel;
+    beside a big model on GGUF blocks, a little model's own weights are fp16 and its shared head rows blocks."""
+    if like.gguf_blocks:
+        model = pack_blocks(model)
+        return pack_fp16(model) if fp16_supported() else pack_weights(model)
     if like.matmul_dtype == torch.float16:
         return pack_fp16(model)
     return pack_weights(model) if like.layers[0].wqkv.is_mkldnn else model
@@ -302,7 +360,7 @@ def pack_like(model: NativeModel, like: NativeModel) -> NativeModel:
 
 def pack_weight_like(w: Tensor, like: NativeModel) -> Tensor | torch.ScriptObject:
     """One extra matmul weight (a feature draft's fc) packed as `like`'s layers are."""
-    if like.matmul_dtype == torch.float16:
+    if like.matmul_dtype == torch.float16 or (like.gguf_blocks and fp16_supported()):
         return fp16_weight(w)
     return onednn_weight(w) if like.layers[0].wqkv.is_mkldnn else w
 
@@ -312,10 +370,11 @@ def streamed_bytes(model: NativeModel) -> int:
     the embedding, of which a step reads one row). Biases are left out: at most a few kB."""
     c = model.config
     qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
-    per_layer = qkv * c.dim + c.dim * c.n_heads * c.head_dim + 3 * c.ffn_dim * c.dim  # wqkv, wo, w13 and w2
-    head = (c.vocab_size if model.head_ids is None else model.head_ids.shape[0]) * c.dim
-    norms = (2 * c.n_layers + 1) * c.dim
-    return (c.n_layers * per_layer + head) * model.matmul_dtype.itemsize + norms * model.dtype.itemsize
+    shapes = [(qkv, c.dim), (c.dim, c.n_heads * c.head_dim), (2 * c.ffn_dim, c.dim), (c.dim, c.ffn_dim)] * c.n_layers
+    shapes.append((c.vocab_size if model.head_ids is None else model.head_ids.shape[0], c.dim))
+    weights = sum(w.nbytes if isinstance(w, BlockWeight) else rows * cols * model.matmul_dtype.itemsize
+                  for w, (rows, cols) in zip(_matmul_weights(model), shapes))
+    return weights + (2 * c.n_layers + 1) * c.dim * model.dtype.itemsize  # and the norms
 
 
 def rope_tables(inv_freq: Tensor, scaling: float, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -346,7 +405,10 @@ def allocate_cache(config: NativeConfig, max_length: int, dtype: torch.dtype) ->
 # ---------------------------------------------------------------- forward
 
 
-def linear(x: Tensor, w: Tensor | torch.ScriptObject, b: Tensor | None = None) -> Tensor:
+def linear(x: Tensor, w: Tensor | torch.ScriptObject | BlockWeight, b: Tensor | None = None) -> Tensor:
+    if isinstance(w, BlockWeight):  # GGUF blocks, see pack_blocks
+        y = kernels.linear(x, w)  # (N, out) float32
+        return y if b is None else y + b
     if isinstance(w, torch.ScriptObject):  # fp16 weights packed for fbgemm, see pack_fp16
         y = torch.ops.quantized.linear_dynamic_fp16(x, w)  # (N, out) float32
         return y if b is None else y + b
@@ -435,10 +497,23 @@ def blocks(model: NativeModel, cache: KVCache, x: Tensor, start: int) -> Tensor:
     T = x.shape[0]
     end = start + T
     rope = (model.cos[start:end].unsqueeze(1), model.sin[start:end].unsqueeze(1))  # (T, 1, D) each
+    if x.dtype == torch.float32 and all(layer.fused is not None for layer in model.layers):
+        return fused_blocks(model, cache, x, start)
     mask = group_mask(start, end, c.n_heads // c.n_kv_heads) if T > 1 else None  # one query sees the whole prefix
     for layer, k_cache, v_cache in zip(model.layers, cache.k, cache.v):
         x = x + attention(layer, rms_norm(x, layer.attn_norm, c.norm_eps), k_cache, v_cache, start, rope, mask, c)
         x = x + mlp(layer, rms_norm(x, layer.mlp_norm, c.norm_eps), c)
+    return x
+
+
+def fused_blocks(model: NativeModel, cache: KVCache, x: Tensor, start: int) -> Tensor:
+    """blocks() for a model whose layers are all GGUF blocks: one call into blocks.c per layer, which does what
+    attention() and mlp() do (its attention is batch-invariant too). x (T, dim) -> (T, dim)."""
+    c = model.config
+    x = x.contiguous().clone()  # (T, dim), updated in place layer by layer
+    dims = kernels.Dims(c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, cache.k[0].shape[2], c.norm_eps)
+    for layer, k_cache, v_cache in zip(model.layers, cache.k, cache.v):
+        kernels.layer_forward(x, start, dims, layer.fused, k_cache, v_cache, model.cos, model.sin)
     return x
 
 
@@ -484,8 +559,8 @@ class NativeRunner:
 
     @classmethod
     def from_hf(cls, hf_model, dtype: torch.dtype | None = torch.bfloat16, max_length: int | None = None,
-                pack: bool | None = None):
-        return cls(from_hf(hf_model, dtype, pack), max_length)
+                pack: bool | None = None, gguf_blocks: bool | None = None, rest: torch.dtype | None = None):
+        return cls(from_hf(hf_model, dtype, pack, gguf_blocks, rest), max_length)
 
     def early_exit(self, n_layers: int) -> NativeRunner:
         """A runner over the first n_layers + final norm + head, sharing weights, with its own cache."""

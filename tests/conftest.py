@@ -95,3 +95,28 @@ def llama_pair():
 def t5_pair():
     big = tiny_t5(0, layers=2)
     return big, perturbed(big, 0.02)  # T5 is more sensitive: this gives about half acceptance
+
+
+def gguf_rounded(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """w (N, K) rounded the way llama.cpp quantises to Q4_1 (w = d q + m, q in 0..15) or Q8_0 (w = d q, q in
+    -127..127), blocks of 32 along K, d and m stored in fp16, then dequantised as gguf does: a GGUF model's
+    weights as transformers loads them."""
+    N, K = w.shape
+    v = w.detach().float().reshape(N, K // 32, 32)  # (N, nb, 32)
+    if kind == "q4_1":
+        lo, hi = v.amin(-1, keepdim=True), v.amax(-1, keepdim=True)  # (N, nb, 1)
+        d, m = ((hi - lo) / 15).half().float(), lo.half().float()
+        q = torch.round((v - lo) / torch.where(d == 0, 1.0, d)).clamp(0, 15)
+        return (d * q + m).reshape(N, K)
+    d = (v.abs().amax(-1, keepdim=True) / 127).half().float()  # (N, nb, 1)
+    return (d * torch.round(v / torch.where(d == 0, 1.0, d)).clamp(-127, 127)).reshape(N, K)
+
+
+def gguf_params(model):
+    """A copy whose 2-D weights are GGUF blocks, dequantised: Q8_0 for the embedding and head, Q4_1 for the rest."""
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, w in rounded.named_parameters():
+            if w.dim() == 2:
+                w.copy_(gguf_rounded(w, "q8_0" if "embed" in name or "lm_head" in name else "q4_1"))
+    return rounded

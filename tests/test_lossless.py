@@ -11,7 +11,7 @@ from scipy.stats import chisquare
 from bild import BigLittle
 from bild.config import GenerationConfig
 from bild.policies import probs, speculative_accept, target
-from conftest import fp16_params, perturbed, tiny_llama, tiny_t5
+from conftest import fp16_params, gguf_params, perturbed, tiny_llama, tiny_t5
 
 
 def random_prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -19,16 +19,20 @@ def random_prompts(n: int, seed: int = 0) -> list[list[int]]:
     return [[1] + [rng.randrange(3, 96) for _ in range(rng.randrange(1, 12))] for _ in range(n)]
 
 
-@pytest.fixture(scope="module", params=["llama-hf", "llama-native", "llama-native_fp16", "t5-hf"])
+@pytest.fixture(scope="module", params=["llama-hf", "llama-native", "llama-native_fp16", "llama-native_blocks",
+                                        "t5-hf"])
 def pair(request, llama_pair, t5_pair, tok):
     return make_pair(request.param, llama_pair if request.param.startswith("llama") else t5_pair, tok)
 
 
 def make_pair(name: str, models: tuple, tok) -> BigLittle:
-    """arch-engine, where engine native_fp16 is the native engine with fp16 weights (fp32 activations)."""
+    """arch-engine, where engine native_fp16 is the native engine with fp16 weights (fp32 activations) and
+    native_blocks the native engine on weights that are GGUF blocks (bild/kernels)."""
     engine = name.split("-")[1]
     if engine == "native_fp16":
         engine, models = "native", tuple(fp16_params(m) for m in models)
+    if engine == "native_blocks":
+        engine, models = "native", tuple(gguf_params(m) for m in models)
     return BigLittle(*models, tok, engine=engine)
 
 
@@ -139,6 +143,7 @@ def assert_matches(counts: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.mark.parametrize("policy,extra,engine", [("speculative", dict(gamma=2, fallback=0.0), "hf"),
                                                  ("speculative", dict(gamma=3, fallback=0.5), "native"),
                                                  ("speculative", dict(gamma=3, fallback=0.0), "native_fp16"),
+                                                 ("speculative", dict(gamma=3, fallback=0.0), "native_blocks"),
                                                  ("bild", dict(rollback=0.0, fallback=0.0), "native")])
 def test_sampling_matches_big_distribution(small_pair, tok, policy, extra, engine):
     """Catches q taken from raw logits (transformers #47932): temperature, top-k and top-p reshape q here."""

@@ -10,7 +10,7 @@ import torch
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
-from bild import native
+from bild import kernels, native
 from bild.models import early_exit as hf_early_exit
 from bild.native import NativeRunner
 from conftest import fp16_params
@@ -259,13 +259,17 @@ def test_smollm2_logits_and_greedy(smollm2):
         runner = NativeRunner.from_hf(smollm2, dtype=dtype, max_length=64, pack=pack)
         runner.start(prompt)
         check_close(runner.forward(prompt, keep=len(prompt)), want, dtype)
-    runner = NativeRunner.from_hf(smollm2, dtype=torch.float32, max_length=64)  # packed: the default
-    assert runner.model.layers[0].wqkv.is_mkldnn
-    runner.start(prompt)
-    err = (runner.forward(prompt, keep=len(prompt)) - want).abs().max().item()
-    assert err <= PACKED_FP32_REL * want.abs().max().item()
-    runner.start(prompt)
-    assert greedy(lambda ids: runner.forward(ids)[-1], prompt, 16) == hf_greedy(smollm2, prompt, 16)
+    for blocks in (False, None):  # packed for oneDNN; the GGUF's own blocks where bild/kernels runs (default)
+        runner = NativeRunner.from_hf(smollm2, dtype=torch.float32, max_length=64, gguf_blocks=blocks)
+        if blocks is False:
+            assert runner.model.layers[0].wqkv.is_mkldnn
+        else:
+            assert runner.model.gguf_blocks == (kernels.unavailable() is None)
+        runner.start(prompt)
+        err = (runner.forward(prompt, keep=len(prompt)) - want).abs().max().item()
+        assert err <= PACKED_FP32_REL * want.abs().max().item()
+        runner.start(prompt)
+        assert greedy(lambda ids: runner.forward(ids)[-1], prompt, 16) == hf_greedy(smollm2, prompt, 16)
 
 
 @needs_fp16

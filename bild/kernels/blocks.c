@@ -1,0 +1,220 @@
+/* y = x W^T for weights in GGUF-style blocks of 32 along the input dim, fp32 activations and accumulation.
+
+   q4_1 block (24 bytes): float d, float m, 16 bytes of nibbles; element j < 16 is the low nibble of byte j,
+        element j + 16 its high nibble; w = d * q + m with q in 0..15.
+   q8_0 block (36 bytes): float d, 32 int8; w = d * q.
+
+   Each weight is rebuilt in registers with one rounding, fl(d * q + m) (d * q is exact), which is the value
+   gguf's own dequantisation produces. Every (row t, output n) dot product runs the same instruction sequence
+   whatever the number of rows T, so results are batch-invariant: a row gives bitwise the same output alone or
+   among T. Built by bild/kernels/__init__.py with -O3 -mavx2 -mfma -fopenmp.  Rows of x go in
+   tiles of up to 8 against each block rebuilt in registers. */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define QK 32
+#define Q4_BYTES 24
+#define Q8_BYTES 36
+#define TILE 8 /* rows of x per pass over a weight row; the weight row stays in L1 across passes */
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline void q4_1_block(const uint8_t *blk, __m256 w[4]) {
+    float d, m;
+    memcpy(&d, blk, 4);
+    memcpy(&m, blk + 4, 4);
+    const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 8));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(raw, mask);                     /* elements 0..15 */
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);  /* elements 16..31 */
+    const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), dv, mv);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), dv, mv);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), dv, mv);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), dv, mv);
+}
+
+static inline void q8_0_block(const uint8_t *blk, __m256 w[4]) {
+    float d;
+    memcpy(&d, blk, 4);
+    const __m128i a = _mm_loadu_si128((const __m128i *)(blk + 4));
+    const __m128i b = _mm_loadu_si128((const __m128i *)(blk + 20));
+    const __m256 dv = _mm256_set1_ps(d);
+    w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a)), dv);
+    w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a, 8))), dv);
+    w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), dv);
+    w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), dv);
+}
+
+/* One block of a weight row against R rows of x: a block's partial sum is (w0 x0 + w1 x1) + (w2 x2 + w3 x3). */
+static inline __attribute__((always_inline)) void block_dot(const uint8_t *blk, int kind, const float *x, int K,
+                                                           int R, __m256 *acc) {
+    __m256 w[4];
+    if (kind == 4) q4_1_block(blk, w);
+    else q8_0_block(blk, w);
+    for (int r = 0; r < R; r++) {
+        const float *xb = x + (size_t)r * K;
+        __m256 p = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), _mm256_mul_ps(w[0], _mm256_loadu_ps(xb)));
+        __m256 s = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), _mm256_mul_ps(w[2], _mm256_loadu_ps(xb + 16)));
+        acc[r] = _mm256_add_ps(acc[r], _mm256_add_ps(p, s));
+    }
+}
+
+/* One weight row against R rows of x (R a constant after inlining). The loop-carried chain is one add per block,
+   shorter than the block's own work. */
+static inline __attribute__((always_inline)) void row_tile(const float *x, int K, const uint8_t *wrow, int kind,
+                                                          int R, float *y, int N) {
+    const int bytes = kind == 4 ? Q4_BYTES : Q8_BYTES;
+    __m256 acc[TILE];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int b = 0; b < K / QK; b++) block_dot(wrow + (size_t)b * bytes, kind, x + (size_t)b * QK, K, R, acc);
+    for (int r = 0; r < R; r++) y[(size_t)r * N] = hsum(acc[r]);
+}
+
+static void row(const float *x, int T, int K, const uint8_t *wrow, int kind, float *y, int N) {
+    for (int t = 0; t < T; t += TILE) {
+        const float *xt = x + (size_t)t * K;
+        float *yt = y + (size_t)t * N;
+        switch (T - t >= TILE ? TILE : T - t) {
+        case 8: row_tile(xt, K, wrow, kind, 8, yt, N); break;
+        case 7: row_tile(xt, K, wrow, kind, 7, yt, N); break;
+        case 6: row_tile(xt, K, wrow, kind, 6, yt, N); break;
+        case 5: row_tile(xt, K, wrow, kind, 5, yt, N); break;
+        case 4: row_tile(xt, K, wrow, kind, 4, yt, N); break;
+        case 3: row_tile(xt, K, wrow, kind, 3, yt, N); break;
+        case 2: row_tile(xt, K, wrow, kind, 2, yt, N); break;
+        default: row_tile(xt, K, wrow, kind, 1, yt, N); break;
+        }
+    }
+}
+
+/* x (T, K) float32, w (N, K / 32, block bytes), y (T, N) float32; kind 4 = q4_1, 8 = q8_0. */
+void block_linear(const float *x, int T, int K, const uint8_t *w, int N, int kind, float *y, int threads) {
+    const size_t row_bytes = (size_t)(K / QK) * (kind == 4 ? Q4_BYTES : Q8_BYTES);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int n = 0; n < N; n++) row(x, T, K, w + (size_t)n * row_bytes, kind, y + n, N);
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+   One LLaMA decoder layer over T tokens at positions start..start+T-1, every matmul weight in blocks: the
+   native engine's attention() and mlp() (bild/native.py) without a Python call per operation. x (T, dim) is
+   updated in place; the layer's K and V caches are (H_kv, S, D). Attention for query t reads keys 0..start+t in
+   order, so like the products it is batch-invariant. */
+
+typedef struct {
+    int dim, n_heads, n_kv_heads, head_dim, ffn_dim, cache_length; /* cache_length: S of the (H_kv, S, D) caches */
+    float eps;
+} dims_t;
+
+typedef struct {
+    const uint8_t *w[4]; /* wqkv, wo, w13, w2 */
+    int kind[4];
+    const float *bias[4]; /* or NULL */
+    const float *attn_norm, *mlp_norm;
+} layer_t;
+
+static void rms_norm_rows(const float *x, int T, int dim, const float *w, float eps, float *out) {
+    for (int t = 0; t < T; t++) {
+        const float *xt = x + (size_t)t * dim;
+        float ss = 0.0f;
+        for (int i = 0; i < dim; i++) ss += xt[i] * xt[i];
+        const float r = 1.0f / sqrtf(ss / dim + eps);
+        for (int i = 0; i < dim; i++) out[(size_t)t * dim + i] = w[i] * (xt[i] * r);
+    }
+}
+
+static void add_bias(float *y, int T, int N, const float *b) {
+    if (b)
+        for (int t = 0; t < T; t++)
+            for (int n = 0; n < N; n++) y[(size_t)t * N + n] += b[n];
+}
+
+/* x (D,) rotated in place: x * cos + [x2, x1] * sin, the sign of rotate_half folded into sin. */
+static void rope(float *x, int D, const float *cos, const float *sin) {
+    const int h = D / 2;
+    for (int i = 0; i < h; i++) {
+        const float a = x[i], b = x[i + h];
+        x[i] = a * cos[i] + b * sin[i];
+        x[i + h] = b * cos[i + h] + a * sin[i + h];
+    }
+}
+
+static void attend(const float *q, const float *kc, const float *vc, int n_keys, int D, float *scores, float *y) {
+    const float scale = 1.0f / sqrtf((float)D);
+    float top = -INFINITY;
+    for (int j = 0; j < n_keys; j++) {
+        const float *k = kc + (size_t)j * D;
+        float s = 0.0f;
+        for (int i = 0; i < D; i++) s += q[i] * k[i];
+        scores[j] = s * scale;
+        if (scores[j] > top) top = scores[j];
+    }
+    float total = 0.0f;
+    for (int j = 0; j < n_keys; j++) total += (scores[j] = expf(scores[j] - top));
+    for (int i = 0; i < D; i++) y[i] = 0.0f;
+    for (int j = 0; j < n_keys; j++) {
+        const float p = scores[j] / total, *v = vc + (size_t)j * D;
+        for (int i = 0; i < D; i++) y[i] += p * v[i];
+    }
+}
+
+void layer_forward(float *x, int T, int start, const dims_t *c, const layer_t *L, float *kc, float *vc,
+                   const float *cos, const float *sin, int threads) {
+    const int H = c->n_heads, Hkv = c->n_kv_heads, D = c->head_dim, F = c->ffn_dim, dim = c->dim;
+    const int G = H / Hkv, width = (H + 2 * Hkv) * D;
+    float *h = calloc((size_t)T * dim, sizeof(float));
+    float *qkv = malloc(sizeof(float) * (size_t)T * width);
+    float *y = malloc(sizeof(float) * (size_t)T * (H * D > 2 * F ? H * D : 2 * F));
+    float *o = malloc(sizeof(float) * (size_t)T * (dim > F ? dim : F));
+
+    rms_norm_rows(x, T, dim, L->attn_norm, c->eps, h);
+    block_linear(h, T, dim, L->w[0], width, L->kind[0], qkv, threads); /* (T, (H + 2 H_kv) D) */
+    add_bias(qkv, T, width, L->bias[0]);
+    for (int t = 0; t < T; t++) {
+        float *row = qkv + (size_t)t * width;
+        const float *ct = cos + (size_t)(start + t) * D, *st = sin + (size_t)(start + t) * D;
+        for (int j = 0; j < H + Hkv; j++) rope(row + (size_t)j * D, D, ct, st);
+        for (int g = 0; g < Hkv; g++) {
+            memcpy(kc + ((size_t)g * c->cache_length + start + t) * D, row + (size_t)(H + g) * D, sizeof(float) * D);
+            memcpy(vc + ((size_t)g * c->cache_length + start + t) * D, row + (size_t)(H + Hkv + g) * D,
+                   sizeof(float) * D);
+        }
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(start + T));
+#pragma omp for schedule(static)
+        for (int ht = 0; ht < H * T; ht++) { /* query head ht / T, token ht % T; head h reads kv head h / G */
+            const int hd = ht / T, t = ht % T;
+            const size_t kv = (size_t)(hd / G) * c->cache_length * D;
+            attend(qkv + (size_t)t * width + (size_t)hd * D, kc + kv, vc + kv, start + t + 1, D, scores,
+                   y + (size_t)t * H * D + (size_t)hd * D);
+        }
+        free(scores);
+    }
+    block_linear(y, T, H * D, L->w[1], dim, L->kind[1], o, threads); /* (T, dim) */
+    add_bias(o, T, dim, L->bias[1]);
+    for (size_t i = 0; i < (size_t)T * dim; i++) x[i] += o[i];
+
+    rms_norm_rows(x, T, dim, L->mlp_norm, c->eps, h);
+    block_linear(h, T, dim, L->w[2], 2 * F, L->kind[2], y, threads); /* (T, 2F): gate, then up */
+    add_bias(y, T, 2 * F, L->bias[2]);
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < F; i++) {
+            const float g = y[(size_t)t * 2 * F + i], u = y[(size_t)t * 2 * F + F + i];
+            o[(size_t)t * F + i] = g / (1.0f + expf(-g)) * u;
+        }
+    block_linear(o, T, F, L->w[3], dim, L->kind[3], h, threads); /* (T, dim) */
+    add_bias(h, T, dim, L->bias[3]);
+    for (size_t i = 0; i < (size_t)T * dim; i++) x[i] += h[i];
+    free(h), free(qkv), free(y), free(o);
+}
