@@ -111,3 +111,16 @@ def test_a_separate_little_model_beside_blocks_gets_fp16_weights_and_block_head(
 def _exit(model):
     from bild.models import early_exit
     return early_exit(model, 1)
+
+
+def test_blocks_verification_logits_are_bitwise_those_of_one_token_steps(gguf_llama):
+    """Every product and the attention are row-invariant in blocks.c: a k-token forward gives each position the
+    very bits one-token steps give, so greedy `speculative` equals `ar` by construction, not by luck."""
+    runner = NativeRunner.from_hf(gguf_llama, dtype=torch.float32)
+    prompt, tail = [1, 5, 9, 30, 4], [77, 12, 3, 8, 40, 41, 42, 43, 44]
+    runner.start(prompt)
+    runner.forward(prompt)
+    together = runner.forward(tail, keep=len(tail))  # (9, V)
+    runner.crop(len(prompt))
+    alone = torch.cat([runner.forward([t]) for t in tail])  # (9, V)
+    assert torch.equal(together, alone)
