@@ -98,9 +98,8 @@ def make_runner(model, engine: str = "auto", share_with=None):
     exit_of = getattr(model, "bild_early_exit_of", None)
     if exit_of and exit_of[0] == id(getattr(share_with, "source", None)):  # the big runner is native too
         return share_with.early_exit(exit_of[1])
-    beside_blocks = share_with is not None and getattr(getattr(share_with, "model", None), "gguf_blocks", False)
-    rest = torch.float16 if beside_blocks and native.fp16_supported() else None  # a draft's own weights
-    runner = native.NativeRunner.from_hf(model, dtype=model.dtype, rest=rest)
+    like = share_with.model if isinstance(share_with, native.NativeRunner) else None  # packed like the big model
+    runner = native.NativeRunner.from_hf(model, dtype=model.dtype, like=like)
     runner.source = model
     return runner
 

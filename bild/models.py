@@ -59,14 +59,14 @@ def load(spec: str, dtype=None, device=None, engine: str = "hf"):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     where, gguf = resolve(spec)
-    blocks = bool(gguf) and gguf_blocks_only(os.path.join(where, gguf))
+    gguf_path = os.path.join(where, gguf) if gguf else None
     if gguf:
         where, gguf = _converted(where, gguf)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        dtype = parse_dtype(dtype) if dtype is not None else default_dtype(config, engine, blocks)
+        dtype = parse_dtype(dtype) if dtype is not None else default_dtype(config, engine, gguf_path)
         model = auto.from_pretrained(where, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     except BildError:
@@ -77,7 +77,7 @@ def load(spec: str, dtype=None, device=None, engine: str = "hf"):
     return (model.to(device) if device else model), tokenizer
 
 
-def default_dtype(config, engine: str, gguf_blocks: bool = False) -> torch.dtype:
+def default_dtype(config, engine: str, gguf_path: str | None = None) -> torch.dtype:
     """What the native engine runs fastest where it applies: fp32 on a GGUF file's own Q4_1/Q8_0 blocks where the
     block kernels run (exact, and fastest), else bf16 on CPUs that compute it natively, else fp16 weights with fp32
     activations (x86 fbgemm); fp32 for everything else, and for the HF engine."""
@@ -85,7 +85,7 @@ def default_dtype(config, engine: str, gguf_blocks: bool = False) -> torch.dtype
 
     if engine == "hf" or not native.config_supported(config):
         return torch.float32
-    if gguf_blocks and kernels.unavailable() is None:
+    if gguf_path is not None and kernels.unavailable() is None and gguf_blocks_only(gguf_path):
         return torch.float32
     return native.fastest_dtype()
 

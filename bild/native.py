@@ -95,7 +95,8 @@ class NativeModel:
         """e.g. "torch.float32 on GGUF q4_1/q8_0 blocks" or "torch.float16 weights, torch.float32 activations"."""
         if self.gguf_blocks:
             kinds = sorted({w.kind for w in _matmul_weights(self) if isinstance(w, BlockWeight)})
-            return f"{self.dtype} on GGUF {'/'.join(kinds)} blocks (the file's weights, exactly)"
+            text = f"{self.dtype} on GGUF {'/'.join(kinds)} blocks (the file's weights, exactly)"
+            return text if self.weight_dtype is None else f"{text}; its other weights {self.weight_dtype}"
         weights = self.matmul_dtype
         return str(weights) if weights == self.dtype else f"{weights} weights, {self.dtype} activations"
 
@@ -178,13 +179,13 @@ def resolve_dtype(dtype: torch.dtype | None) -> torch.dtype:
 
 
 def from_hf(hf_model, dtype: torch.dtype | None = None, pack: bool | None = None, gguf_blocks: bool | None = None,
-            rest: torch.dtype | None = None) -> NativeModel:
+            like: NativeModel | None = None) -> NativeModel:
     """Copy-free where dtypes match: weights are referenced, fused and converted tensors are new.
     pack (default: where oneDNN is available) pre-reorders matmul weights into its blocked layout, see pack_weights.
     dtype float16: fp32 everywhere except the matmul weights, which are fp16 and always packed (pack_fp16).
     gguf_blocks (float32 only; default: where the block kernels run): weights that are GGUF blocks, dequantised, are
-    read as those blocks (pack_blocks). rest=torch.float16 rounds the other matmul weights to fp16 (a little
-    model's own layers: a draft's precision never changes a lossless policy's output)."""
+    read as those blocks (pack_blocks). like: the big model a little one runs beside; its other weights are then
+    packed as pack_like says (fp16 beside blocks: a draft's precision never changes a lossless policy's output)."""
     if not supports(hf_model):
         raise ValueError(f"native forward does not handle {type(hf_model).__name__}")
     weights = resolve_dtype(dtype)
@@ -211,8 +212,8 @@ def from_hf(hf_model, dtype: torch.dtype | None = None, pack: bool | None = None
         return pack_fp16(model)
     if weights == torch.float32 and (kernels.unavailable() is None if gguf_blocks is None else gguf_blocks):
         model = pack_blocks(model)
-    if rest == torch.float16:
-        return pack_fp16(model)
+    if like is not None:
+        return pack_like(model, like)
     return pack_weights(model) if (torch.backends.mkldnn.is_available() if pack is None else pack) else model
 
 
@@ -559,8 +560,8 @@ class NativeRunner:
 
     @classmethod
     def from_hf(cls, hf_model, dtype: torch.dtype | None = torch.bfloat16, max_length: int | None = None,
-                pack: bool | None = None, gguf_blocks: bool | None = None, rest: torch.dtype | None = None):
-        return cls(from_hf(hf_model, dtype, pack, gguf_blocks, rest), max_length)
+                pack: bool | None = None, gguf_blocks: bool | None = None, like: NativeModel | None = None):
+        return cls(from_hf(hf_model, dtype, pack, gguf_blocks, like), max_length)
 
     def early_exit(self, n_layers: int) -> NativeRunner:
         """A runner over the first n_layers + final norm + head, sharing weights, with its own cache."""
