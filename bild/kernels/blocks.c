@@ -122,12 +122,23 @@ typedef struct {
     const float *attn_norm, *mlp_norm;
 } layer_t;
 
+/* Sum of a (n,) row's squares in a fixed order: 8 lanes over the multiple-of-8 prefix, then the tail. */
+static float sum_squares(const float *x, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    float s = hsum(acc);
+    for (; i < n; i++) s += x[i] * x[i];
+    return s;
+}
+
 static void rms_norm_rows(const float *x, int T, int dim, const float *w, float eps, float *out) {
     for (int t = 0; t < T; t++) {
         const float *xt = x + (size_t)t * dim;
-        float ss = 0.0f;
-        for (int i = 0; i < dim; i++) ss += xt[i] * xt[i];
-        const float r = 1.0f / sqrtf(ss / dim + eps);
+        const float r = 1.0f / sqrtf(sum_squares(xt, dim) / dim + eps);
         for (int i = 0; i < dim; i++) out[(size_t)t * dim + i] = w[i] * (xt[i] * r);
     }
 }
@@ -148,14 +159,35 @@ static void rope(float *x, int D, const float *cos, const float *sin) {
     }
 }
 
+/* q . k over D: four 8-lane partial sums when D % 32 == 0 (one when D % 8 == 0, scalar otherwise), each key's
+   sum computed the same way wherever it sits, so a query's scores never depend on the other queries. */
+static inline float dot(const float *q, const float *k, int D) {
+    if (D % 32 == 0) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int i = 0; i < D; i += 32) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(k + i + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 16), _mm256_loadu_ps(k + i + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 24), _mm256_loadu_ps(k + i + 24), a3);
+        }
+        return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    }
+    if (D % 8 == 0) {
+        __m256 a = _mm256_setzero_ps();
+        for (int i = 0; i < D; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a);
+        return hsum(a);
+    }
+    float s = 0.0f;
+    for (int i = 0; i < D; i++) s += q[i] * k[i];
+    return s;
+}
+
+/* y (D,) = softmax(q K^T / sqrt(D)) V over the first n_keys rows of kc, vc (rows of D floats). */
 static void attend(const float *q, const float *kc, const float *vc, int n_keys, int D, float *scores, float *y) {
     const float scale = 1.0f / sqrtf((float)D);
     float top = -INFINITY;
     for (int j = 0; j < n_keys; j++) {
-        const float *k = kc + (size_t)j * D;
-        float s = 0.0f;
-        for (int i = 0; i < D; i++) s += q[i] * k[i];
-        scores[j] = s * scale;
+        scores[j] = dot(q, kc + (size_t)j * D, D) * scale;
         if (scores[j] > top) top = scores[j];
     }
     float total = 0.0f;
