@@ -79,6 +79,7 @@ class NativeModel:
     head_ids: Tensor | None = None  # reduced-vocabulary head: head is (N, dim) over these N token ids
     weight_dtype: torch.dtype | None = None  # of the matmul weights, when not `dtype` (fp16, see pack_fp16)
     gguf_blocks: bool = False  # some matmul weights are GGUF blocks read exactly (see pack_blocks)
+    rounded: str | None = None  # a little model's own weights, rounded to these blocks (see round_blocks)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -95,8 +96,9 @@ class NativeModel:
         """e.g. "torch.float32 on GGUF q4_1/q8_0 blocks" or "torch.float16 weights, torch.float32 activations"."""
         if self.gguf_blocks:
             kinds = sorted({w.kind for w in _matmul_weights(self) if isinstance(w, BlockWeight)})
-            text = f"{self.dtype} on GGUF {'/'.join(kinds)} blocks (the file's weights, exactly)"
-            return text if self.weight_dtype is None else f"{text}; its other weights {self.weight_dtype}"
+            if self.rounded:
+                return f"{self.dtype} on {'/'.join(kinds)} blocks (its own weights rounded to {self.rounded})"
+            return f"{self.dtype} on GGUF {'/'.join(kinds)} blocks (the file's weights, exactly)"
         weights = self.matmul_dtype
         return str(weights) if weights == self.dtype else f"{weights} weights, {self.dtype} activations"
 
@@ -350,18 +352,33 @@ def _matmul_weights(model: NativeModel) -> list:
 
 def pack_like(model: NativeModel, like: NativeModel) -> NativeModel:
     """Pack `model` (plain tensors, like's activation dtype) the way `like` is packed, so both take one kernel;
-    beside a big model on GGUF blocks, a little model's own weights are fp16 and its shared head rows blocks."""
+    beside a big model on GGUF blocks, a little model's head rows taken from the big model stay its exact blocks
+    and its own weights are rounded to q8_0 blocks (round_blocks)."""
     if like.gguf_blocks:
-        model = pack_blocks(model)
-        return pack_fp16(model) if fp16_supported() else pack_weights(model)
+        return round_blocks(pack_blocks(model))
     if like.matmul_dtype == torch.float16:
         return pack_fp16(model)
     return pack_weights(model) if like.layers[0].wqkv.is_mkldnn else model
 
 
-def pack_weight_like(w: Tensor, like: NativeModel) -> Tensor | torch.ScriptObject:
+def round_blocks(model: NativeModel) -> NativeModel:
+    """A little model's float32 matmul weights that are not yet blocks, rounded to q8_0 blocks (kernels.quantise),
+    so that whole layers run in blocks.c. Lossy, and harmless for a draft: a lossless policy's output depends only
+    on the big model. Weights whose input width is not a multiple of 32 stay packed fp32."""
+    def rounded(w: Tensor | BlockWeight) -> Tensor | BlockWeight:
+        return w if isinstance(w, BlockWeight) else kernels.quantise(w) or onednn_weight(w)
+    layers = [_fuse(dataclasses.replace(layer, wqkv=rounded(layer.wqkv), wo=rounded(layer.wo), w13=rounded(layer.w13),
+                                        w2=rounded(layer.w2))) for layer in model.layers]
+    own = [w for w in _matmul_weights(model) if not isinstance(w, BlockWeight)]
+    return dataclasses.replace(model, layers=layers, head=rounded(model.head), gguf_blocks=True,
+                               rounded="q8_0" if own else None)
+
+
+def pack_weight_like(w: Tensor, like: NativeModel) -> Tensor | torch.ScriptObject | BlockWeight:
     """One extra matmul weight (a feature draft's fc) packed as `like`'s layers are."""
-    if like.matmul_dtype == torch.float16 or (like.gguf_blocks and fp16_supported()):
+    if like.gguf_blocks:
+        return kernels.quantise(w) or onednn_weight(w)
+    if like.matmul_dtype == torch.float16:
         return fp16_weight(w)
     return onednn_weight(w) if like.layers[0].wqkv.is_mkldnn else w
 

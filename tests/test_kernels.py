@@ -84,6 +84,24 @@ def test_blocks_logits_match_hf_fp32(gguf_llama):
     assert (got - want).abs().max() < 1e-5 * want.abs().max().clamp(min=1.0)
 
 
+@pytest.mark.parametrize("heads, kv_heads", [(8, 4), (1, 1)])  # head_dim 4 (scalar scores) and 32 (four lanes)
+def test_blocks_attention_over_other_head_widths(heads, kv_heads):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(5)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64)
+    hf = gguf_params(LlamaForCausalLM(cfg).eval())
+    runner = NativeRunner.from_hf(hf, dtype=torch.float32)
+    ids = [1, 5, 9, 30, 4, 77, 12, 3, 8]
+    runner.start(ids)
+    got = runner.forward(ids, keep=len(ids))  # (9, V)
+    with torch.inference_mode():
+        want = hf(torch.tensor([ids])).logits[0]
+    assert (got - want).abs().max() < 1e-5 * want.abs().max().clamp(min=1.0)
+    runner.crop(5)
+    assert torch.equal(torch.cat([runner.forward([t]) for t in ids[5:]]), got[5:])  # steps == one forward
+
+
 def test_blocks_greedy_equals_hf_fp32_and_speculative_equals_ar(gguf_llama, tok):
     prompts = [[1] + [3 + (7 * i + 5 * j) % 90 for j in range(1 + i % 6)] for i in range(12)]
     little = _exit(gguf_llama)
@@ -96,16 +114,37 @@ def test_blocks_greedy_equals_hf_fp32_and_speculative_equals_ar(gguf_llama, tok)
         assert bl.generate(p, policy="speculative", gamma=4, fallback=0.0, max_new_tokens=20).token_ids == ar
 
 
-def test_a_separate_little_model_beside_blocks_gets_fp16_weights_and_block_head(gguf_llama, tok):
+def test_a_separate_little_model_beside_blocks_runs_on_q8_0_blocks_with_the_big_head(gguf_llama, tok):
     little = tiny_llama(seed=4, layers=1)
     with torch.no_grad():  # its head rows are the big model's, as a trained draft's are
         little.lm_head.weight.copy_(gguf_llama.lm_head.weight)
     bl = BigLittle(gguf_llama, little, tok, engine="native")
     m = bl.little_runner.model
-    assert isinstance(m.head, kernels.BlockWeight)
-    assert m.matmul_dtype == (torch.float16 if native.fp16_supported() else torch.float32)
+    assert torch.equal(m.head.data, bl.big_runner.model.head.data)  # the big model's exact q8_0 head
+    assert all(w.kind == "q8_0" for w in native._matmul_weights(m)[:4])  # its own layers rounded
+    assert all(layer.fused is not None for layer in m.layers) and "rounded to q8_0" in m.precision
     ar = bl.generate([1, 7, 9], policy="ar", max_new_tokens=16).token_ids
     assert bl.generate([1, 7, 9], policy="speculative", gamma=3, fallback=0.0, max_new_tokens=16).token_ids == ar
+    for policy in ("speculative", "bild"):  # sampling runs on the rounded draft too
+        out = bl.generate([1, 7, 9], policy=policy, temperature=1.0, seed=3, max_new_tokens=16).token_ids
+        assert len(out) == 16
+
+
+def test_quantise_rounds_to_q8_0_as_gguf_does():
+    torch.manual_seed(0)
+    w = torch.randn(6, 64)
+    w[0, :32] = 0.0  # an all-zero block has d = 0 and rebuilds exactly
+    b = kernels.quantise(w)
+    back = kernels.dequantise(b)
+    d = (w.reshape(6, 2, 32).abs().amax(-1) / 127).half().float()  # (6, 2)
+    assert torch.equal(back[0, :32], torch.zeros(32))
+    assert ((back - w).abs().reshape(6, 2, 32) <= d[..., None] / 2 * (1 + 1e-3)).all()  # half a step at most
+    assert kernels.to_blocks(back, "q8_0") is not None  # what it rounds to is a GGUF q8_0 weight
+    x = torch.randn(3, 64)
+    assert torch.allclose(kernels.linear(x, b), x @ back.T, atol=1e-5)
+    assert kernels.quantise(torch.randn(4, 48)) is None  # not whole blocks
+    with pytest.raises(ValueError, match="q8_0"):
+        kernels.quantise(w, "q4_1")
 
 
 def _exit(model):

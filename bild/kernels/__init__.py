@@ -152,6 +152,19 @@ def to_blocks(w: Tensor, kind: str) -> BlockWeight | None:
     return BlockWeight(kind, _pack(kind, d, m, q), (N, K))
 
 
+def quantise(w: Tensor, kind: str = "q8_0") -> BlockWeight | None:
+    """w (N, K) float32 rounded to blocks as GGUF quantises (lossy; for weights a GGUF file does not hold, such as
+    a trained draft's), or None when K is not a multiple of 32. q8_0: d = max |w| / 127 in fp16, q = round(w / d)."""
+    N, K = w.shape
+    if kind != "q8_0":
+        raise ValueError(f"only q8_0 rounding is implemented, not {kind}")
+    if K % QK:
+        return None
+    v = w.detach().float().reshape(N, K // QK, QK)  # (N, nb, 32)
+    d = (v.abs().amax(-1) / 127).half().float()  # (N, nb)
+    return BlockWeight(kind, _pack(kind, d, None, _round_q(v, d, -127, 127)), (N, K))
+
+
 def _q4_1(v: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     """v (N, nb, 32) -> d, m (N, nb) and q (N, nb, 32) in 0..15 with fl(d q + m) == v, or None."""
     m = v.amin(-1)  # the block's q = 0 element
