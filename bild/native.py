@@ -525,13 +525,13 @@ def blocks(model: NativeModel, cache: KVCache, x: Tensor, start: int) -> Tensor:
 
 
 def fused_blocks(model: NativeModel, cache: KVCache, x: Tensor, start: int) -> Tensor:
-    """blocks() for a model whose layers are all GGUF blocks: one call into blocks.c per layer, which does what
-    attention() and mlp() do (its attention is batch-invariant too). x (T, dim) -> (T, dim)."""
+    """blocks() for a model whose layers are all GGUF blocks: one call into blocks.c for all of them, which does
+    what attention() and mlp() do (its attention is batch-invariant too). x (T, dim) -> (T, dim)."""
     c = model.config
     x = x.contiguous().clone()  # (T, dim), updated in place layer by layer
     dims = kernels.Dims(c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, cache.k[0].shape[2], c.norm_eps)
-    for layer, k_cache, v_cache in zip(model.layers, cache.k, cache.v):
-        kernels.layer_forward(x, start, dims, layer.fused, k_cache, v_cache, model.cos, model.sin)
+    kernels.model_forward(x, start, dims, [layer.fused for layer in model.layers], cache.k, cache.v, model.cos,
+                          model.sin)
     return x
 
 

@@ -69,13 +69,18 @@ def layer_pointers(weights: list, biases: list, attn_norm: Tensor, mlp_norm: Ten
                          attn_norm.data_ptr(), mlp_norm.data_ptr())
 
 
-def layer_forward(x: Tensor, start: int, dims: Dims, layer: LayerPointers, k_cache: Tensor, v_cache: Tensor,
-                  cos: Tensor, sin: Tensor) -> None:
-    """x (T, dim) float32 contiguous, updated in place by one decoder layer at positions start..start+T-1, whose
-    keys and values are written into k_cache and v_cache (1, H_kv, S, D) float32; cos, sin (S', D) tables."""
-    _library().layer_forward(x.data_ptr(), x.shape[0], start, ctypes.byref(dims), ctypes.byref(layer),
-                             k_cache.data_ptr(), v_cache.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                             torch.get_num_threads())
+def model_forward(x: Tensor, start: int, dims: Dims, layers: list[LayerPointers], k_caches: list[Tensor],
+                  v_caches: list[Tensor], cos: Tensor, sin: Tensor) -> None:
+    """x (T, dim) float32 contiguous, updated in place by the decoder layers in one call (one parallel region) at
+    positions start..start+T-1; layer l writes its keys and values into k_caches[l], v_caches[l] (1, H_kv, S, D)
+    float32 contiguous; cos, sin (S', D) tables."""
+    n = len(layers)
+    keys = (ctypes.c_void_p * n)(*[k.data_ptr() for k in k_caches[:n]])  # an early exit's caches are the first n
+    values = (ctypes.c_void_p * n)(*[v.data_ptr() for v in v_caches[:n]])
+    done = _library().model_forward(x.data_ptr(), x.shape[0], start, ctypes.byref(dims), (LayerPointers * n)(*layers),
+                                    n, keys, values, cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())
+    if done:
+        raise MemoryError(f"blocks.c could not allocate scratch memory for {x.shape[0]} tokens")
 
 
 def unavailable() -> str | None:
@@ -107,12 +112,13 @@ def _library() -> ctypes.CDLL:
             raise OSError(f"compiling {SOURCE} failed: {done.stderr.strip()[-500:]}")
         os.replace(tmp, target)  # atomic: concurrent first uses never load a half-written library
     lib = ctypes.CDLL(target)
-    lib.block_linear.restype = lib.layer_forward.restype = None
+    lib.block_linear.restype = None
+    lib.model_forward.restype = ctypes.c_int
     lib.block_linear.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                                  ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-    lib.layer_forward.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.POINTER(Dims),
-                                  ctypes.POINTER(LayerPointers), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                  ctypes.c_void_p, ctypes.c_int]
+    lib.model_forward.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.POINTER(Dims),
+                                  ctypes.POINTER(LayerPointers), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 

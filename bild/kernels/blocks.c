@@ -97,11 +97,17 @@ static void row(const float *x, int T, int K, const uint8_t *wrow, int kind, flo
     }
 }
 
+/* y = x W^T shared among the threads of the enclosing parallel region (each takes a run of output columns). */
+static void linear_team(const float *x, int T, int K, const uint8_t *w, int N, int kind, float *y) {
+    const size_t row_bytes = (size_t)(K / QK) * (kind == 4 ? Q4_BYTES : Q8_BYTES);
+#pragma omp for schedule(static)
+    for (int n = 0; n < N; n++) row(x, T, K, w + (size_t)n * row_bytes, kind, y + n, N);
+}
+
 /* x (T, K) float32, w (N, K / 32, block bytes), y (T, N) float32; kind 4 = q4_1, 8 = q8_0. */
 void block_linear(const float *x, int T, int K, const uint8_t *w, int N, int kind, float *y, int threads) {
-    const size_t row_bytes = (size_t)(K / QK) * (kind == 4 ? Q4_BYTES : Q8_BYTES);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int n = 0; n < N; n++) row(x, T, K, w + (size_t)n * row_bytes, kind, y + n, N);
+#pragma omp parallel num_threads(threads)
+    linear_team(x, T, K, w, N, kind, y);
 }
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -135,18 +141,9 @@ static float sum_squares(const float *x, int n) {
     return s;
 }
 
-static void rms_norm_rows(const float *x, int T, int dim, const float *w, float eps, float *out) {
-    for (int t = 0; t < T; t++) {
-        const float *xt = x + (size_t)t * dim;
-        const float r = 1.0f / sqrtf(sum_squares(xt, dim) / dim + eps);
-        for (int i = 0; i < dim; i++) out[(size_t)t * dim + i] = w[i] * (xt[i] * r);
-    }
-}
-
-static void add_bias(float *y, int T, int N, const float *b) {
-    if (b)
-        for (int t = 0; t < T; t++)
-            for (int n = 0; n < N; n++) y[(size_t)t * N + n] += b[n];
+static void rms_norm_row(const float *x, int dim, const float *w, float eps, float *out) {
+    const float r = 1.0f / sqrtf(sum_squares(x, dim) / dim + eps);
+    for (int i = 0; i < dim; i++) out[i] = w[i] * (x[i] * r);
 }
 
 /* x (D,) rotated in place: x * cos + [x2, x1] * sin, the sign of rotate_half folded into sin. */
@@ -199,20 +196,43 @@ static void attend(const float *q, const float *kc, const float *vc, int n_keys,
     }
 }
 
-void layer_forward(float *x, int T, int start, const dims_t *c, const layer_t *L, float *kc, float *vc,
-                   const float *cos, const float *sin, int threads) {
-    const int H = c->n_heads, Hkv = c->n_kv_heads, D = c->head_dim, F = c->ffn_dim, dim = c->dim;
-    const int G = H / Hkv, width = (H + 2 * Hkv) * D;
-    float *h = calloc((size_t)T * dim, sizeof(float));
-    float *qkv = malloc(sizeof(float) * (size_t)T * width);
-    float *y = malloc(sizeof(float) * (size_t)T * (H * D > 2 * F ? H * D : 2 * F));
-    float *o = malloc(sizeof(float) * (size_t)T * (dim > F ? dim : F));
+/* Per-layer scratch, shared by the team: h (T, dim), qkv (T, (H + 2 H_kv) D), y (T, max(H D, 2F)), o (T, max(dim, F)). */
+typedef struct {
+    float *h, *qkv, *y, *o;
+} scratch_t;
 
-    rms_norm_rows(x, T, dim, L->attn_norm, c->eps, h);
-    block_linear(h, T, dim, L->w[0], width, L->kind[0], qkv, threads); /* (T, (H + 2 H_kv) D) */
-    add_bias(qkv, T, width, L->bias[0]);
+static int scratch_alloc(scratch_t *s, int T, const dims_t *c) {
+    const int HD = c->n_heads * c->head_dim, width = (c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
+    s->h = malloc(sizeof(float) * (size_t)T * c->dim);
+    s->qkv = malloc(sizeof(float) * (size_t)T * width);
+    s->y = malloc(sizeof(float) * (size_t)T * (HD > 2 * c->ffn_dim ? HD : 2 * c->ffn_dim));
+    s->o = malloc(sizeof(float) * (size_t)T * (c->dim > c->ffn_dim ? c->dim : c->ffn_dim));
+    return s->h && s->qkv && s->y && s->o;
+}
+
+static void scratch_free(scratch_t *s) { free(s->h), free(s->qkv), free(s->y), free(s->o); }
+
+/* x[t] += (o[t] + b) for every row t (b may be NULL). */
+static void residual_team(float *x, const float *o, const float *b, int T, int dim) {
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < dim; i++) x[(size_t)t * dim + i] += b ? o[(size_t)t * dim + i] + b[i] : o[(size_t)t * dim + i];
+}
+
+static void norm_team(const float *x, int T, int dim, const float *w, float eps, float *out) {
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; t++) rms_norm_row(x + (size_t)t * dim, dim, w, eps, out + (size_t)t * dim);
+}
+
+/* qkv rows: bias, RoPE on the query and key heads, keys and values written to the caches at their positions. */
+static void rope_team(float *qkv, int T, int start, const dims_t *c, const float *bias, float *kc, float *vc,
+                      const float *cos, const float *sin) {
+    const int H = c->n_heads, Hkv = c->n_kv_heads, D = c->head_dim, width = (H + 2 * Hkv) * D;
+#pragma omp for schedule(static)
     for (int t = 0; t < T; t++) {
         float *row = qkv + (size_t)t * width;
+        if (bias)
+            for (int i = 0; i < width; i++) row[i] += bias[i];
         const float *ct = cos + (size_t)(start + t) * D, *st = sin + (size_t)(start + t) * D;
         for (int j = 0; j < H + Hkv; j++) rope(row + (size_t)j * D, D, ct, st);
         for (int g = 0; g < Hkv; g++) {
@@ -221,32 +241,69 @@ void layer_forward(float *x, int T, int start, const dims_t *c, const layer_t *L
                    sizeof(float) * D);
         }
     }
+}
+
+/* y (T, H D): every (query head, token) pair attends over keys 0..start+t; head h reads kv head h / G. */
+static void attention_team(const float *qkv, int T, int start, const dims_t *c, const float *kc, const float *vc,
+                           float *scores, float *y) {
+    const int H = c->n_heads, D = c->head_dim, G = H / c->n_kv_heads, width = (H + 2 * c->n_kv_heads) * D;
+#pragma omp for schedule(static)
+    for (int ht = 0; ht < H * T; ht++) {
+        const int hd = ht / T, t = ht % T;
+        const size_t kv = (size_t)(hd / G) * c->cache_length * D;
+        attend(qkv + (size_t)t * width + (size_t)hd * D, kc + kv, vc + kv, start + t + 1, D, scores,
+               y + (size_t)t * H * D + (size_t)hd * D);
+    }
+}
+
+/* o (T, F) = silu(gate + b) * (up + b) from y (T, 2F) = [gate | up]. */
+static void swiglu_team(const float *y, const float *b, int T, int F, float *o) {
+#pragma omp for schedule(static)
+    for (int i = 0; i < T * F; i++) {
+        const int t = i / F, j = i % F;
+        const float g = y[(size_t)t * 2 * F + j] + (b ? b[j] : 0.0f), u = y[(size_t)t * 2 * F + F + j] + (b ? b[F + j] : 0.0f);
+        o[i] = g / (1.0f + expf(-g)) * u;
+    }
+}
+
+/* One decoder layer, run by every thread of the enclosing parallel region; each `omp for` ends in a barrier. */
+static void layer_team(float *x, int T, int start, const dims_t *c, const layer_t *L, float *kc, float *vc,
+                       const float *cos, const float *sin, scratch_t *s, float *scores) {
+    const int HD = c->n_heads * c->head_dim, F = c->ffn_dim, dim = c->dim;
+    const int width = (c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
+    norm_team(x, T, dim, L->attn_norm, c->eps, s->h);
+    linear_team(s->h, T, dim, L->w[0], width, L->kind[0], s->qkv); /* (T, (H + 2 H_kv) D) */
+    rope_team(s->qkv, T, start, c, L->bias[0], kc, vc, cos, sin);
+    attention_team(s->qkv, T, start, c, kc, vc, scores, s->y); /* (T, H D) */
+    linear_team(s->y, T, HD, L->w[1], dim, L->kind[1], s->o); /* (T, dim) */
+    residual_team(x, s->o, L->bias[1], T, dim);
+    norm_team(x, T, dim, L->mlp_norm, c->eps, s->h);
+    linear_team(s->h, T, dim, L->w[2], 2 * F, L->kind[2], s->y); /* (T, 2F): gate, then up */
+    swiglu_team(s->y, L->bias[2], T, F, s->o); /* (T, F) */
+    linear_team(s->o, T, F, L->w[3], dim, L->kind[3], s->h); /* (T, dim) */
+    residual_team(x, s->h, L->bias[3], T, dim);
+}
+
+/* n_layers decoder layers over x (T, dim), updated in place, in one parallel region. Layer l's caches are
+   kc[l], vc[l] (H_kv, S, D). Returns 0, or -1 when scratch memory cannot be had. */
+int model_forward(float *x, int T, int start, const dims_t *c, const layer_t *layers, int n_layers, float **kc,
+                  float **vc, const float *cos, const float *sin, int threads) {
+    scratch_t s;
+    if (!scratch_alloc(&s, T, c)) {
+        scratch_free(&s);
+        return -1;
+    }
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         float *scores = malloc(sizeof(float) * (size_t)(start + T));
-#pragma omp for schedule(static)
-        for (int ht = 0; ht < H * T; ht++) { /* query head ht / T, token ht % T; head h reads kv head h / G */
-            const int hd = ht / T, t = ht % T;
-            const size_t kv = (size_t)(hd / G) * c->cache_length * D;
-            attend(qkv + (size_t)t * width + (size_t)hd * D, kc + kv, vc + kv, start + t + 1, D, scores,
-                   y + (size_t)t * H * D + (size_t)hd * D);
-        }
+#pragma omp atomic
+        failed += scores == NULL;
+#pragma omp barrier
+        for (int l = 0; l < n_layers && !failed; l++)
+            layer_team(x, T, start, c, &layers[l], kc[l], vc[l], cos, sin, &s, scores);
         free(scores);
     }
-    block_linear(y, T, H * D, L->w[1], dim, L->kind[1], o, threads); /* (T, dim) */
-    add_bias(o, T, dim, L->bias[1]);
-    for (size_t i = 0; i < (size_t)T * dim; i++) x[i] += o[i];
-
-    rms_norm_rows(x, T, dim, L->mlp_norm, c->eps, h);
-    block_linear(h, T, dim, L->w[2], 2 * F, L->kind[2], y, threads); /* (T, 2F): gate, then up */
-    add_bias(y, T, 2 * F, L->bias[2]);
-    for (int t = 0; t < T; t++)
-        for (int i = 0; i < F; i++) {
-            const float g = y[(size_t)t * 2 * F + i], u = y[(size_t)t * 2 * F + F + i];
-            o[(size_t)t * F + i] = g / (1.0f + expf(-g)) * u;
-        }
-    block_linear(o, T, F, L->w[3], dim, L->kind[3], h, threads); /* (T, dim) */
-    add_bias(h, T, dim, L->bias[3]);
-    for (size_t i = 0; i < (size_t)T * dim; i++) x[i] += h[i];
-    free(h), free(qkv), free(y), free(o);
+    scratch_free(&s);
+    return failed ? -1 : 0;
 }
