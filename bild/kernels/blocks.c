@@ -32,27 +32,22 @@ static inline void q4_1_block(const uint8_t *blk, __m256 w[4]) {
     float d, m;
     memcpy(&d, blk, 4);
     memcpy(&m, blk + 4, 4);
-    const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 8));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(raw, mask);                     /* elements 0..15 */
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);  /* elements 16..31 */
+    const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 8)));   /* bytes 0..7 */
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 16)));  /* bytes 8..15 */
+    const __m256i mask = _mm256_set1_epi32(0x0F);
     const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
-    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), dv, mv);
-    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), dv, mv);
-    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), dv, mv);
-    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), dv, mv);
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(a, mask)), dv, mv);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, mask)), dv, mv);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4)), dv, mv);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), dv, mv);
 }
 
 static inline void q8_0_block(const uint8_t *blk, __m256 w[4]) {
     float d;
     memcpy(&d, blk, 4);
-    const __m128i a = _mm_loadu_si128((const __m128i *)(blk + 4));
-    const __m128i b = _mm_loadu_si128((const __m128i *)(blk + 20));
     const __m256 dv = _mm256_set1_ps(d);
-    w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a)), dv);
-    w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a, 8))), dv);
-    w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), dv);
-    w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), dv);
+    for (int i = 0; i < 4; i++)
+        w[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 4 + 8 * i)))), dv);
 }
 
 /* One block of a weight row against R rows of x: a block's partial sum is (w0 x0 + w1 x1) + (w2 x2 + w3 x3). */
