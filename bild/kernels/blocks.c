@@ -92,11 +92,19 @@ static void row(const float *x, int T, int K, const uint8_t *wrow, int kind, flo
     }
 }
 
-/* y = x W^T shared among the threads of the enclosing parallel region (each takes a run of output columns). */
+/* y = x W^T shared among the threads of the enclosing parallel region (each takes a run of output columns).
+   Rows of x go in chunks of about X_CHUNK_BYTES, a multiple of TILE rows, that stay in L2 while every weight row
+   passes over them: a long prompt's x would otherwise stream from memory once per weight row. */
+#define X_CHUNK_BYTES (192 * 1024)
 static void linear_team(const float *x, int T, int K, const uint8_t *w, int N, int kind, float *y) {
     const size_t row_bytes = (size_t)(K / QK) * (kind == 4 ? Q4_BYTES : Q8_BYTES);
+    int chunk = X_CHUNK_BYTES / (int)(sizeof(float) * K) / TILE * TILE;
+    if (chunk < TILE) chunk = TILE;
+    for (int t = 0; t < T; t += chunk) {
+        const int rows = T - t < chunk ? T - t : chunk;
 #pragma omp for schedule(static)
-    for (int n = 0; n < N; n++) row(x, T, K, w + (size_t)n * row_bytes, kind, y + n, N);
+        for (int n = 0; n < N; n++) row(x + (size_t)t * K, rows, K, w + (size_t)n * row_bytes, kind, y + (size_t)t * N + n, N);
+    }
 }
 
 /* x (T, K) float32, w (N, K / 32, block bytes), y (T, N) float32; kind 4 = q4_1, 8 = q8_0. */
