@@ -182,6 +182,49 @@ static inline float dot(const float *q, const float *k, int D) {
     return s;
 }
 
+/* e^x in 8 lanes, Cephes' expf: a degree-5 polynomial after x = n ln2 + r, within 2 ulp; every lane is computed
+   alone, so a value's exponential never depends on its neighbours. exp1 is the same function for one value. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+static inline float exp1(float x) { return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x))); }
+
+/* s[j] = e^(s[j] - top) for j < n; returns their sum, added in order of j. */
+static float exps(float *s, int n, float top) {
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(s + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(top))));
+    for (; j < n; j++) s[j] = exp1(s[j] - top);
+    float total = 0.0f;
+    for (j = 0; j < n; j++) total += s[j];
+    return total;
+}
+
+/* y[0, 8V) = sum_j p[j] v_j[0, 8V) over rows v_j of vc (D floats apart), in registers; V a constant after inlining. */
+static inline __attribute__((always_inline)) void weigh(const float *p, const float *vc, int n_keys, int D, int V,
+                                                       float *y) {
+    __m256 acc[8];
+    for (int i = 0; i < V; i++) acc[i] = _mm256_setzero_ps();
+    for (int j = 0; j < n_keys; j++) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        for (int i = 0; i < V; i++) acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vc + (size_t)j * D + 8 * i), acc[i]);
+    }
+    for (int i = 0; i < V; i++) _mm256_storeu_ps(y + 8 * i, acc[i]);
+}
+
 /* y (D,) = softmax(q K^T / sqrt(D)) V over the first n_keys rows of kc, vc (rows of D floats). */
 static void attend(const float *q, const float *kc, const float *vc, int n_keys, int D, float *scores, float *y) {
     const float scale = 1.0f / sqrtf((float)D);
@@ -190,13 +233,25 @@ static void attend(const float *q, const float *kc, const float *vc, int n_keys,
         scores[j] = dot(q, kc + (size_t)j * D, D) * scale;
         if (scores[j] > top) top = scores[j];
     }
-    float total = 0.0f;
-    for (int j = 0; j < n_keys; j++) total += (scores[j] = expf(scores[j] - top));
-    for (int i = 0; i < D; i++) y[i] = 0.0f;
-    for (int j = 0; j < n_keys; j++) {
-        const float p = scores[j] / total, *v = vc + (size_t)j * D;
-        for (int i = 0; i < D; i++) y[i] += p * v[i];
+    const float total = exps(scores, n_keys, top);
+    for (int j = 0; j < n_keys; j++) scores[j] /= total;
+    if (D % 8 == 0) {
+        for (int c0 = 0; c0 < D; c0 += 64) /* 64 columns (8 registers) at a time */
+            switch ((D - c0 >= 64 ? 64 : D - c0) / 8) {
+            case 8: weigh(scores, vc + c0, n_keys, D, 8, y + c0); break;
+            case 7: weigh(scores, vc + c0, n_keys, D, 7, y + c0); break;
+            case 6: weigh(scores, vc + c0, n_keys, D, 6, y + c0); break;
+            case 5: weigh(scores, vc + c0, n_keys, D, 5, y + c0); break;
+            case 4: weigh(scores, vc + c0, n_keys, D, 4, y + c0); break;
+            case 3: weigh(scores, vc + c0, n_keys, D, 3, y + c0); break;
+            case 2: weigh(scores, vc + c0, n_keys, D, 2, y + c0); break;
+            default: weigh(scores, vc + c0, n_keys, D, 1, y + c0); break;
+            }
+        return;
     }
+    for (int i = 0; i < D; i++) y[i] = 0.0f;
+    for (int j = 0; j < n_keys; j++)
+        for (int i = 0; i < D; i++) y[i] = fmaf(scores[j], vc[(size_t)j * D + i], y[i]);
 }
 
 /* Per-layer scratch, shared by the team: h (T, dim), qkv (T, (H + 2 H_kv) D), y (T, max(H D, 2F)), o (T, max(dim, F)). */
@@ -259,13 +314,22 @@ static void attention_team(const float *qkv, int T, int start, const dims_t *c, 
     }
 }
 
-/* o (T, F) = silu(gate + b) * (up + b) from y (T, 2F) = [gate | up]. */
+/* o (T, F) = silu(gate + b) * (up + b) from y (T, 2F) = [gate | up]; 8 values at a time when F % 8 == 0. */
 static void swiglu_team(const float *y, const float *b, int T, int F, float *o) {
+    const int step = F % 8 ? 1 : 8;
 #pragma omp for schedule(static)
-    for (int i = 0; i < T * F; i++) {
+    for (int i = 0; i < T * F; i += step) {
         const int t = i / F, j = i % F;
-        const float g = y[(size_t)t * 2 * F + j] + (b ? b[j] : 0.0f), u = y[(size_t)t * 2 * F + F + j] + (b ? b[F + j] : 0.0f);
-        o[i] = g / (1.0f + expf(-g)) * u;
+        const float *gate = y + (size_t)t * 2 * F + j, *up = gate + F;
+        if (step == 8) {
+            __m256 g = _mm256_loadu_ps(gate), u = _mm256_loadu_ps(up);
+            if (b) g = _mm256_add_ps(g, _mm256_loadu_ps(b + j)), u = _mm256_add_ps(u, _mm256_loadu_ps(b + F + j));
+            const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_sub_ps(_mm256_setzero_ps(), g);
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, exp8(neg))), u));
+        } else {
+            const float g = *gate + (b ? b[j] : 0.0f), u = *up + (b ? b[F + j] : 0.0f);
+            o[i] = g / (1.0f + exp1(-g)) * u;
+        }
     }
 }
 
