@@ -314,7 +314,7 @@ def pack_fp16(model: NativeModel) -> NativeModel:
 
 
 def fp16_weight(w: Tensor | BlockWeight) -> torch.ScriptObject | BlockWeight:
-    if isinstance(w, BlockWeight):
+    if isinstance(w, BlockWeight):  # a little model's head rows read as the big model's blocks (pack_like)
         return w
     with warnings.catch_warnings():  # fbgemm warns about values it saturates; SmolLM2's weights have none
         warnings.simplefilter("ignore")
@@ -511,12 +511,12 @@ def forward(model: NativeModel, cache: KVCache, ids: Tensor, start: int, keep: i
 
 def blocks(model: NativeModel, cache: KVCache, x: Tensor, start: int) -> Tensor:
     """The decoder layers over input vectors x (T, dim) at positions start..start+T-1 -> (T, dim)."""
+    if x.dtype == torch.float32 and all(layer.fused is not None for layer in model.layers):
+        return fused_blocks(model, cache, x, start)
     c = model.config
     T = x.shape[0]
     end = start + T
     rope = (model.cos[start:end].unsqueeze(1), model.sin[start:end].unsqueeze(1))  # (T, 1, D) each
-    if x.dtype == torch.float32 and all(layer.fused is not None for layer in model.layers):
-        return fused_blocks(model, cache, x, start)
     mask = group_mask(start, end, c.n_heads // c.n_kv_heads) if T > 1 else None  # one query sees the whole prefix
     for layer, k_cache, v_cache in zip(model.layers, cache.k, cache.v):
         x = x + attention(layer, rms_norm(x, layer.attn_norm, c.norm_eps), k_cache, v_cache, start, rope, mask, c)
