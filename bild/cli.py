@@ -81,6 +81,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "the native engine: bf16 where the CPU has it, else fp16 on x86; fp32 elsewhere")
     p.add_argument("--engine", default="auto", choices=["auto", "hf", "native"],
                    help="native: lean LLaMA-family CPU forward; hf: transformers; auto (default): native where it applies")
+    p.add_argument("--activations", default="fp32", choices=["fp32", "int8"],
+                   help="int8: a GGUF model's products take activations rounded to int8 per 32 values, as llama.cpp "
+                        "does (native engine; faster, lossy against fp32). Default fp32 (exact)")
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -110,7 +113,8 @@ def decoding_kwargs(args: argparse.Namespace) -> dict:
 def load_pair(args: argparse.Namespace):
     from .api import BigLittle
 
-    bl = BigLittle.load(big=args.big, little=args.little, dtype=args.dtype, engine=args.engine)
+    bl = BigLittle.load(big=args.big, little=args.little, dtype=args.dtype, engine=args.engine,
+                        activations=args.activations)
     print(f"little model: {bl.little_description}; engine: {bl.engine}, {bl.precision}", file=sys.stderr)
     return bl
 

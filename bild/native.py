@@ -80,6 +80,7 @@ class NativeModel:
     weight_dtype: torch.dtype | None = None  # of the matmul weights, when not `dtype` (fp16, see pack_fp16)
     gguf_blocks: bool = False  # some matmul weights are GGUF blocks read exactly (see pack_blocks)
     rounded: str | None = None  # a little model's own weights, rounded to these blocks (see round_blocks)
+    int8: bool = False  # the blocks' products take int8-rounded activations (lossy, see with_int8)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -96,9 +97,10 @@ class NativeModel:
         """e.g. "torch.float32 on GGUF q4_1/q8_0 blocks" or "torch.float16 weights, torch.float32 activations"."""
         if self.gguf_blocks:
             kinds = sorted({w.kind for w in _matmul_weights(self) if isinstance(w, BlockWeight)})
+            acts = ", int8 activations in the products" if self.int8 else ""
             if self.rounded:
-                return f"{self.dtype} on {'/'.join(kinds)} blocks (its own weights rounded to {self.rounded})"
-            return f"{self.dtype} on GGUF {'/'.join(kinds)} blocks (the file's weights, exactly)"
+                return f"{self.dtype} on {'/'.join(kinds)} blocks (its own weights rounded to {self.rounded}){acts}"
+            return f"{self.dtype} on GGUF {'/'.join(kinds)} blocks (the file's weights, exactly){acts}"
         weights = self.matmul_dtype
         return str(weights) if weights == self.dtype else f"{weights} weights, {self.dtype} activations"
 
@@ -181,13 +183,15 @@ def resolve_dtype(dtype: torch.dtype | None) -> torch.dtype:
 
 
 def from_hf(hf_model, dtype: torch.dtype | None = None, pack: bool | None = None, gguf_blocks: bool | None = None,
-            like: NativeModel | None = None) -> NativeModel:
+            like: NativeModel | None = None, int8: bool = False) -> NativeModel:
     """Copy-free where dtypes match: weights are referenced, fused and converted tensors are new.
     pack (default: where oneDNN is available) pre-reorders matmul weights into its blocked layout, see pack_weights.
     dtype float16: fp32 everywhere except the matmul weights, which are fp16 and always packed (pack_fp16).
     gguf_blocks (float32 only; default: where the block kernels run): weights that are GGUF blocks, dequantised, are
     read as those blocks (pack_blocks). like: the big model a little one runs beside; its other weights are then
-    packed as pack_like says (fp16 beside blocks: a draft's precision never changes a lossless policy's output)."""
+    packed as pack_like says (fp16 beside blocks: a draft's precision never changes a lossless policy's output).
+    int8: the blocks take int8-rounded activations (with_int8); needs gguf_blocks, and a little model gets it from
+    `like`."""
     if not supports(hf_model):
         raise ValueError(f"native forward does not handle {type(hf_model).__name__}")
     weights = resolve_dtype(dtype)
@@ -214,6 +218,8 @@ def from_hf(hf_model, dtype: torch.dtype | None = None, pack: bool | None = None
         return pack_fp16(model)
     if weights == torch.float32 and (kernels.unavailable() is None if gguf_blocks is None else gguf_blocks):
         model = pack_blocks(model)
+    if int8:
+        return with_int8(model)
     if like is not None:
         return pack_like(model, like)
     return pack_weights(model) if (torch.backends.mkldnn.is_available() if pack is None else pack) else model
@@ -355,7 +361,8 @@ def pack_like(model: NativeModel, like: NativeModel) -> NativeModel:
     beside a big model on GGUF blocks, a little model's head rows taken from the big model stay its exact blocks
     and its own weights are rounded to q8_0 blocks (round_blocks)."""
     if like.gguf_blocks:
-        return round_blocks(pack_blocks(model))
+        model = round_blocks(pack_blocks(model))
+        return with_int8(model) if like.int8 else model
     if like.matmul_dtype == torch.float16:
         return pack_fp16(model)
     return pack_weights(model) if like.layers[0].wqkv.is_mkldnn else model
@@ -374,10 +381,26 @@ def round_blocks(model: NativeModel) -> NativeModel:
                                rounded="q8_0" if own else None)
 
 
+def with_int8(model: NativeModel) -> NativeModel:
+    """The model with every block weight's products taking activations rounded to int8 per 32-value block, as
+    llama.cpp computes (kernels.with_int8): lossy against the fp32 model, and faster. Outputs are then lossless
+    relative to this model: ar and verification run the same batch-invariant products."""
+    if not model.gguf_blocks:
+        raise ValueError("int8 activations need matmul weights in GGUF blocks: a float32 model loaded from a GGUF "
+                         "file of Q4_1/Q8_0 tensors, with the block kernels available")
+
+    def int8(w):
+        return kernels.with_int8(w) if isinstance(w, BlockWeight) else w
+    layers = [_fuse(dataclasses.replace(layer, wqkv=int8(layer.wqkv), wo=int8(layer.wo), w13=int8(layer.w13),
+                                        w2=int8(layer.w2))) for layer in model.layers]
+    return dataclasses.replace(model, layers=layers, head=int8(model.head), int8=True)
+
+
 def pack_weight_like(w: Tensor, like: NativeModel) -> Tensor | torch.ScriptObject | BlockWeight:
     """One extra matmul weight (a feature draft's fc) packed as `like`'s layers are."""
     if like.gguf_blocks:
-        return kernels.quantise(w) or onednn_weight(w)
+        blocks = kernels.quantise(w)
+        return onednn_weight(w) if blocks is None else kernels.with_int8(blocks) if like.int8 else blocks
     if like.matmul_dtype == torch.float16:
         return fp16_weight(w)
     return onednn_weight(w) if like.layers[0].wqkv.is_mkldnn else w
@@ -577,8 +600,9 @@ class NativeRunner:
 
     @classmethod
     def from_hf(cls, hf_model, dtype: torch.dtype | None = torch.bfloat16, max_length: int | None = None,
-                pack: bool | None = None, gguf_blocks: bool | None = None, like: NativeModel | None = None):
-        return cls(from_hf(hf_model, dtype, pack, gguf_blocks, like), max_length)
+                pack: bool | None = None, gguf_blocks: bool | None = None, like: NativeModel | None = None,
+                int8: bool = False):
+        return cls(from_hf(hf_model, dtype, pack, gguf_blocks, like, int8), max_length)
 
     def early_exit(self, n_layers: int) -> NativeRunner:
         """A runner over the first n_layers + final norm + head, sharing weights, with its own cache."""

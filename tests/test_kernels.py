@@ -163,3 +163,66 @@ def test_blocks_verification_logits_are_bitwise_those_of_one_token_steps(gguf_ll
     runner.crop(len(prompt))
     alone = torch.cat([runner.forward([t]) for t in tail])  # (9, V)
     assert torch.equal(together, alone)
+
+
+# ---- int8 activations (lossy, llama.cpp's arithmetic)
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("K", [96, 128])  # an odd number of blocks, and an even one
+def test_int8_linear_stays_within_its_rounding_bound_and_is_batch_invariant(kind, K):
+    torch.manual_seed(2)
+    w = gguf_rounded(torch.randn(50, K), kind)
+    blocks = kernels.with_int8(kernels.to_blocks(w, kind))
+    x = torch.randn(21, K)
+    x[3, :32] = 0.0  # an all-zero block of x rounds to scale 0
+    y = kernels.linear(x, blocks)  # (21, 50)
+    exact = x.double() @ w.double().T  # (21, 50)
+    step = x.reshape(21, K // 32, 32).abs().amax(-1) / 127  # (21, nb): int8 step of each block of x
+    half_step = step.repeat_interleave(32, dim=1).double() / 2  # (21, K): the most rounding moves an element
+    bound = half_step @ w.double().abs().T  # (21, 50)
+    assert ((y.double() - exact).abs() <= bound * 1.001 + 1e-5 * exact.abs().max()).all()
+    assert (y.double() - exact).abs().max() > 1e-4  # it did round: not the fp32 product
+    for T in (1, 2, 3, 4, 5, 8, 9, 16):  # every tile shape: a row's result never depends on its neighbours
+        assert torch.equal(kernels.linear(x[:T], blocks), y[:T])
+    assert torch.equal(kernels.linear(x[11:12], blocks), y[11:12])
+
+
+def test_int8_runner_steps_equal_one_forward_and_stay_near_fp32(gguf_llama):
+    exact = NativeRunner.from_hf(gguf_llama, dtype=torch.float32)
+    runner = NativeRunner.from_hf(gguf_llama, dtype=torch.float32, int8=True)
+    assert runner.model.int8 and "int8 activations" in runner.model.precision
+    assert all(w.int8 for w in native._matmul_weights(runner.model))
+    assert all(layer.fused is not None and layer.fused.int8 for layer in runner.model.layers)
+    prompt, tail = [1, 5, 9, 30, 4], [77, 12, 3, 8, 40, 41, 42, 43, 44]
+    for r in (exact, runner):
+        r.start(prompt + tail)
+    want = exact.forward(prompt + tail, keep=len(tail))  # (9, V)
+    together = runner.forward(prompt + tail, keep=len(tail))  # (9, V)
+    assert (together - want).abs().max() < 0.05 * want.abs().max()
+    runner.crop(len(prompt))
+    assert torch.equal(torch.cat([runner.forward([t]) for t in tail]), together)  # batch-invariant
+
+
+def test_int8_speculative_equals_int8_ar_with_an_exit_and_a_separate_draft(gguf_llama, tok):
+    separate = tiny_llama(seed=4, layers=1)
+    with torch.no_grad():
+        separate.lm_head.weight.copy_(gguf_llama.lm_head.weight)
+    for little in (_exit(gguf_llama), separate):
+        bl = BigLittle(gguf_llama, little, tok, engine="native", activations="int8")
+        assert bl.big_runner.model.int8 and bl.little_runner.model.int8  # the draft runs like the big model
+        for p in ([1, 7, 9], [1, 30, 2, 5, 61]):
+            ar = bl.generate(p, policy="ar", max_new_tokens=16).token_ids
+            assert bl.generate(p, policy="speculative", gamma=4, fallback=0.0, max_new_tokens=16).token_ids == ar
+
+
+def test_int8_activations_are_refused_without_blocks(gguf_llama, tok):
+    from bild.errors import BildError
+    plain = tiny_llama(seed=3, layers=2)
+    with pytest.raises(ValueError, match="GGUF blocks"):
+        NativeRunner.from_hf(plain, dtype=torch.float32, int8=True)
+    with pytest.raises(BildError, match="GGUF blocks"):
+        BigLittle(plain, _exit(plain), tok, engine="native", activations="int8")
+    with pytest.raises(BildError, match="native engine"):
+        BigLittle(gguf_llama, _exit(gguf_llama), tok, engine="hf", activations="int8")
+    with pytest.raises(BildError, match="activations"):
+        BigLittle(gguf_llama, _exit(gguf_llama), tok, activations="int4")

@@ -175,7 +175,8 @@ def _run(args, methods, dataset: str) -> list[dict]:
     with open(os.path.join(args.out, "commands.txt"), "a") as f:
         f.write(shlex.join(["bild"] + sys.argv[1:]) + "\n")  # quoted: budgets hold shell characters
     settings = dict(big=args.big, little=bl.little_description, dataset=dataset,
-                    engine=getattr(bl, "engine", "hf"), dtype=str(bl.big.dtype), machine=machine())
+                    engine=getattr(bl, "engine", "hf"), dtype=str(bl.big.dtype), activations=args.activations,
+                    machine=machine())
     return run_bench(bl, items, methods, args.out, args.max_new_tokens, settings, progress=not args.no_progress,
                      timeout=args.timeout)
 

@@ -20,7 +20,8 @@ from .quality import continuation_nll, humaneval_passed
 
 RECORDS = "records.jsonl"
 RUN = "run.json"
-PINNED = ("big", "little", "dataset", "engine", "dtype", "max_new_tokens")
+PINNED = ("big", "little", "dataset", "engine", "dtype", "activations", "max_new_tokens")
+UNPINNED_DEFAULTS = {"activations": "fp32"}  # what runs recorded before a setting existed used
 WARMUP_TOKENS = 8
 
 
@@ -58,7 +59,7 @@ def check_run(out_dir: str, settings: dict) -> None:
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        diff = [k for k in PINNED if old.get(k) != settings.get(k)]
+        diff = [k for k in PINNED if _pinned(old, k) != _pinned(settings, k)]
         if diff:
             raise BildError(f"{out_dir} holds records made with different settings "
                             f"({', '.join(f'{k}: {old.get(k)!r} then, {settings.get(k)!r} now' for k in diff)}); "
@@ -66,6 +67,10 @@ def check_run(out_dir: str, settings: dict) -> None:
         return
     with open(path, "w") as f:
         json.dump(settings, f, indent=2)
+
+
+def _pinned(settings: dict, key: str):
+    return settings.get(key, UNPINNED_DEFAULTS.get(key))
 
 
 def check_params(records: list[dict], methods: list[M.Method]) -> None:

@@ -8,7 +8,12 @@
    gguf's own dequantisation produces. Every (row t, output n) dot product runs the same instruction sequence
    whatever the number of rows T, so results are batch-invariant: a row gives bitwise the same output alone or
    among T. Built by bild/kernels/__init__.py with -O3 -mavx2 -mfma -fopenmp.  Rows of x go in
-   tiles of up to 8 against each block rebuilt in registers. */
+   tiles of up to 8 against each block rebuilt in registers.
+
+   int8 activations (optional, lossy; what llama.cpp computes): each row's 32-value block of x is rounded to
+   xd * qx with xd = max |x| / 127 and qx in -127..127, and a block's product is an integer dot product, d * xd *
+   sum(q qx) (+ m * xd * sum(qx) for q4_1), accumulated in fp32. That reads the weights about 1.7x faster for one
+   row of x; every output still runs the same instruction sequence whatever T, so it stays batch-invariant. */
 
 #include <immintrin.h>
 #include <math.h>
@@ -113,6 +118,147 @@ void block_linear(const float *x, int T, int K, const uint8_t *w, int N, int kin
     linear_team(x, T, K, w, N, kind, y);
 }
 
+#define PREFETCH_BYTES 2048 /* how far ahead along a weight row the int8 products prefetch: 1.3x faster from DRAM */
+/* ---- int8 activations ------------------------------------------------------------------------------------- */
+
+/* x rounded per 32-value block: q (T, K) int8, d (T, K / 32) scales, s (T, K / 32) = d * sum of the block's q. */
+typedef struct {
+    int8_t *q;
+    float *d, *s;
+} xq_t;
+
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+static inline int hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+/* One row x (K,) -> q (K,), d, s (K / 32,): q = round-to-nearest-even(x * 127 / max |x|), d = max |x| / 127. */
+static void quantise_row(const float *x, int K, int8_t *q, float *d, float *s) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    for (int b = 0; b < K / QK; b++) {
+        __m256 v[4], top = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++)
+            v[i] = _mm256_loadu_ps(x + b * QK + 8 * i), top = _mm256_max_ps(top, _mm256_and_ps(v[i], abs_mask));
+        const float amax = hmax(top);
+        const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        __m256i n[4];
+        for (int i = 0; i < 4; i++)
+            n[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        const __m256i n01 = _mm256_packs_epi32(n[0], n[1]), n23 = _mm256_packs_epi32(n[2], n[3]); /* lane-interleaved */
+        const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(n01, n23),
+                                                          _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); /* in order */
+        _mm256_storeu_si256((__m256i *)(q + b * QK), bytes);
+        d[b] = amax / 127.0f;
+        s[b] = d[b] * (float)hsum_epi32(_mm256_madd_epi16(_mm256_add_epi16(n01, n23), _mm256_set1_epi16(1)));
+    }
+}
+
+/* A q4_1 block's 32 nibbles as bytes in element order (element j < 16 is byte j's low nibble, j + 16 its high). */
+static inline __m256i nibbles(const uint8_t *p) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p), low = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
+}
+
+/* sum(q * qx) over a block, 8 int32 lanes converted to float: exact. */
+static inline __m256 block_isum(__m256i q, __m256i qx, int kind) {
+    const __m256i prod = kind == 4 ? _mm256_maddubs_epi16(q, qx) /* q unsigned */
+                                   : _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(qx, q));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, _mm256_set1_epi16(1)));
+}
+
+/* Block b of one weight row against R rows of x, into output r's chain acc[r], macc[r]. */
+static inline __attribute__((always_inline)) void block_int8(const xq_t *x, int K, const uint8_t *blk, int b, int kind,
+                                                            int R, __m256 *acc, float *macc) {
+    const int nb = K / QK;
+    float d, m = 0.0f;
+    memcpy(&d, blk, 4);
+    if (kind == 4) memcpy(&m, blk + 4, 4);
+    const __m256i q = kind == 4 ? nibbles(blk + 8) : _mm256_loadu_si256((const __m256i *)(blk + 4));
+    for (int r = 0; r < R; r++) {
+        const __m256i qx = _mm256_loadu_si256((const __m256i *)(x->q + (size_t)r * K + b * QK));
+        const size_t rb = (size_t)r * nb + b;
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * x->d[rb]), block_isum(q, qx, kind), acc[r]);
+        if (kind == 4) macc[r] = fmaf(m, x->s[rb], macc[r]);
+    }
+}
+
+/* One weight row against R rows of x (R <= 4, a constant after inlining). Output r accumulates its even blocks in
+   one chain and its odd blocks in another, in order, whatever R: two chains hide the fma latency even for one
+   row, and the weight row streams in order. */
+static inline __attribute__((always_inline)) void tile_int8(const xq_t *x, int K, const uint8_t *w, int kind, int R,
+                                                           float *y, int N) {
+    const int nb = K / QK, bytes = kind == 4 ? Q4_BYTES : Q8_BYTES;
+    __m256 even[4], odd[4];
+    float meven[4], modd[4];
+    for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps(), meven[r] = modd[r] = 0.0f;
+    int b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        _mm_prefetch((const char *)(w + (size_t)b * bytes + PREFETCH_BYTES), _MM_HINT_T0);
+        block_int8(x, K, w + (size_t)b * bytes, b, kind, R, even, meven);
+        block_int8(x, K, w + (size_t)(b + 1) * bytes, b + 1, kind, R, odd, modd);
+    }
+    if (b < nb) block_int8(x, K, w + (size_t)b * bytes, b, kind, R, even, meven);
+    for (int r = 0; r < R; r++) y[(size_t)r * N] = hsum(_mm256_add_ps(even[r], odd[r])) + (meven[r] + modd[r]);
+}
+
+/* Weight rows n0..n1 against all T rows, in tiles of up to 4 rows of x. */
+static void rows_int8(const xq_t *x, int T, int K, const uint8_t *w, size_t row_bytes, int kind, int n0, int n1,
+                      float *y, int N) {
+    const int nb = K / QK;
+    for (int n = n0; n < n1; n++)
+        for (int t = 0; t < T; t += 4) {
+            const xq_t xt = {x->q + (size_t)t * K, x->d + (size_t)t * nb, x->s + (size_t)t * nb};
+            const uint8_t *wn = w + (size_t)n * row_bytes;
+            float *yt = y + (size_t)t * N + n;
+            switch (T - t >= 4 ? 4 : T - t) {
+            case 4: tile_int8(&xt, K, wn, kind, 4, yt, N); break;
+            case 3: tile_int8(&xt, K, wn, kind, 3, yt, N); break;
+            case 2: tile_int8(&xt, K, wn, kind, 2, yt, N); break;
+            default: tile_int8(&xt, K, wn, kind, 1, yt, N); break;
+            }
+        }
+}
+
+/* y = x W^T with x rounded to int8 blocks into xq (room for T rows of K), shared among the team's threads. */
+static void linear_int8_team(const float *x, int T, int K, const uint8_t *w, int N, int kind, float *y, xq_t *xq) {
+    const int nb = K / QK;
+    const size_t row_bytes = (size_t)nb * (kind == 4 ? Q4_BYTES : Q8_BYTES);
+#pragma omp for schedule(static)
+    for (int t = 0; t < T; t++)
+        quantise_row(x + (size_t)t * K, K, xq->q + (size_t)t * K, xq->d + (size_t)t * nb, xq->s + (size_t)t * nb);
+    const int groups = (N + 3) / 4; /* runs of 4 weight rows, so the four-row tiles never straddle two threads */
+#pragma omp for schedule(static)
+    for (int g = 0; g < groups; g++) rows_int8(xq, T, K, w, row_bytes, kind, 4 * g, 4 * g + 4 < N ? 4 * g + 4 : N, y, N);
+}
+
+static int xq_alloc(xq_t *xq, int T, int K) {
+    xq->q = malloc((size_t)T * K);
+    xq->d = malloc(sizeof(float) * (size_t)T * (K / QK));
+    xq->s = malloc(sizeof(float) * (size_t)T * (K / QK));
+    return xq->q && xq->d && xq->s;
+}
+
+static void xq_free(xq_t *xq) { free(xq->q), free(xq->d), free(xq->s); }
+
+/* As block_linear, with x rounded to int8 blocks. Returns 0, or -1 when scratch memory cannot be had. */
+int block_linear_int8(const float *x, int T, int K, const uint8_t *w, int N, int kind, float *y, int threads) {
+    xq_t xq;
+    const int ok = xq_alloc(&xq, T, K);
+    if (ok) {
+#pragma omp parallel num_threads(threads)
+        linear_int8_team(x, T, K, w, N, kind, y, &xq);
+    }
+    xq_free(&xq);
+    return ok ? 0 : -1;
+}
+
 /* ------------------------------------------------------------------------------------------------------------
    One LLaMA decoder layer over T tokens at positions start..start+T-1, every matmul weight in blocks: the
    native engine's attention() and mlp() (bild/native.py) without a Python call per operation. x (T, dim) is
@@ -129,6 +275,7 @@ typedef struct {
     int kind[4];
     const float *bias[4]; /* or NULL */
     const float *attn_norm, *mlp_norm;
+    int int8; /* 1: the products take int8 activations */
 } layer_t;
 
 /* Sum of a (n,) row's squares in a fixed order: 8 lanes over the multiple-of-8 prefix, then the tail. */
@@ -254,21 +401,31 @@ static void attend(const float *q, const float *kc, const float *vc, int n_keys,
         for (int i = 0; i < D; i++) y[i] = fmaf(scores[j], vc[(size_t)j * D + i], y[i]);
 }
 
-/* Per-layer scratch, shared by the team: h (T, dim), qkv (T, (H + 2 H_kv) D), y (T, max(H D, 2F)), o (T, max(dim, F)). */
+/* Per-layer scratch, shared by the team: h (T, dim), qkv (T, (H + 2 H_kv) D), y (T, max(H D, 2F)),
+   o (T, max(dim, F)), and x rounded to int8 for the products, xq (T, max(dim, H D, F)). */
 typedef struct {
     float *h, *qkv, *y, *o;
+    xq_t xq;
 } scratch_t;
 
 static int scratch_alloc(scratch_t *s, int T, const dims_t *c) {
     const int HD = c->n_heads * c->head_dim, width = (c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
+    const int wide = c->dim > c->ffn_dim ? c->dim : c->ffn_dim;
     s->h = malloc(sizeof(float) * (size_t)T * c->dim);
     s->qkv = malloc(sizeof(float) * (size_t)T * width);
     s->y = malloc(sizeof(float) * (size_t)T * (HD > 2 * c->ffn_dim ? HD : 2 * c->ffn_dim));
-    s->o = malloc(sizeof(float) * (size_t)T * (c->dim > c->ffn_dim ? c->dim : c->ffn_dim));
-    return s->h && s->qkv && s->y && s->o;
+    s->o = malloc(sizeof(float) * (size_t)T * wide);
+    const int xq = xq_alloc(&s->xq, T, wide > HD ? wide : HD);
+    return s->h && s->qkv && s->y && s->o && xq;
 }
 
-static void scratch_free(scratch_t *s) { free(s->h), free(s->qkv), free(s->y), free(s->o); }
+static void scratch_free(scratch_t *s) { free(s->h), free(s->qkv), free(s->y), free(s->o), xq_free(&s->xq); }
+
+/* y = x W^T for the layer's weight i, in its activation precision. */
+static void layer_linear(const layer_t *L, int i, const float *x, int T, int K, int N, float *y, scratch_t *s) {
+    if (L->int8) linear_int8_team(x, T, K, L->w[i], N, L->kind[i], y, &s->xq);
+    else linear_team(x, T, K, L->w[i], N, L->kind[i], y);
+}
 
 /* x[t] += (o[t] + b) for every row t (b may be NULL). */
 static void residual_team(float *x, const float *o, const float *b, int T, int dim) {
@@ -339,15 +496,15 @@ static void layer_team(float *x, int T, int start, const dims_t *c, const layer_
     const int HD = c->n_heads * c->head_dim, F = c->ffn_dim, dim = c->dim;
     const int width = (c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
     norm_team(x, T, dim, L->attn_norm, c->eps, s->h);
-    linear_team(s->h, T, dim, L->w[0], width, L->kind[0], s->qkv); /* (T, (H + 2 H_kv) D) */
+    layer_linear(L, 0, s->h, T, dim, width, s->qkv, s); /* (T, (H + 2 H_kv) D) */
     rope_team(s->qkv, T, start, c, L->bias[0], kc, vc, cos, sin);
     attention_team(s->qkv, T, start, c, kc, vc, scores, s->y); /* (T, H D) */
-    linear_team(s->y, T, HD, L->w[1], dim, L->kind[1], s->o); /* (T, dim) */
+    layer_linear(L, 1, s->y, T, HD, dim, s->o, s); /* (T, dim) */
     residual_team(x, s->o, L->bias[1], T, dim);
     norm_team(x, T, dim, L->mlp_norm, c->eps, s->h);
-    linear_team(s->h, T, dim, L->w[2], 2 * F, L->kind[2], s->y); /* (T, 2F): gate, then up */
+    layer_linear(L, 2, s->h, T, dim, 2 * F, s->y, s); /* (T, 2F): gate, then up */
     swiglu_team(s->y, L->bias[2], T, F, s->o); /* (T, F) */
-    linear_team(s->o, T, F, L->w[3], dim, L->kind[3], s->h); /* (T, dim) */
+    layer_linear(L, 3, s->o, T, F, dim, s->h, s); /* (T, dim) */
     residual_team(x, s->h, L->bias[3], T, dim);
 }
 
