@@ -187,6 +187,15 @@ def test_int8_linear_stays_within_its_rounding_bound_and_is_batch_invariant(kind
     assert torch.equal(kernels.linear(x[11:12], blocks), y[11:12])
 
 
+def test_int8_linear_over_more_rows_than_an_l2_chunk():
+    torch.manual_seed(3)
+    w = kernels.with_int8(kernels.to_blocks(gguf_rounded(torch.randn(8, 2048), "q4_1"), "q4_1"))
+    x = torch.randn(100, 2048)  # 100 rows of 2048 int8 values: more than one 192 kB chunk
+    y = kernels.linear(x, w)  # (100, 8)
+    for t in (0, 95, 96, 99):
+        assert torch.equal(kernels.linear(x[t:t + 1], w), y[t:t + 1])
+
+
 def test_int8_runner_steps_equal_one_forward_and_stay_near_fp32(gguf_llama):
     exact = NativeRunner.from_hf(gguf_llama, dtype=torch.float32)
     runner = NativeRunner.from_hf(gguf_llama, dtype=torch.float32, int8=True)

@@ -118,8 +118,9 @@ void block_linear(const float *x, int T, int K, const uint8_t *w, int N, int kin
     linear_team(x, T, K, w, N, kind, y);
 }
 
-#define PREFETCH_BYTES 2048 /* how far ahead along a weight row the int8 products prefetch: 1.3x faster from DRAM */
 /* ---- int8 activations ------------------------------------------------------------------------------------- */
+
+#define PREFETCH_BYTES 2048 /* how far ahead along a weight row the int8 products prefetch: 1.3x faster from DRAM */
 
 /* x rounded per 32-value block: q (T, K) int8, d (T, K / 32) scales, s (T, K / 32) = d * sum of the block's q. */
 typedef struct {
@@ -150,7 +151,8 @@ static void quantise_row(const float *x, int K, int8_t *q, float *d, float *s) {
         const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
         __m256i n[4];
         for (int i = 0; i < 4; i++)
-            n[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            n[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv),
+                                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
         const __m256i n01 = _mm256_packs_epi32(n[0], n[1]), n23 = _mm256_packs_epi32(n[2], n[3]); /* lane-interleaved */
         const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(n01, n23),
                                                           _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)); /* in order */
@@ -208,34 +210,37 @@ static inline __attribute__((always_inline)) void tile_int8(const xq_t *x, int K
     for (int r = 0; r < R; r++) y[(size_t)r * N] = hsum(_mm256_add_ps(even[r], odd[r])) + (meven[r] + modd[r]);
 }
 
-/* Weight rows n0..n1 against all T rows, in tiles of up to 4 rows of x. */
-static void rows_int8(const xq_t *x, int T, int K, const uint8_t *w, size_t row_bytes, int kind, int n0, int n1,
-                      float *y, int N) {
+/* One weight row against T rows of x, in tiles of up to 4 rows. */
+static void row_int8(const xq_t *x, int T, int K, const uint8_t *wrow, int kind, float *y, int N) {
     const int nb = K / QK;
-    for (int n = n0; n < n1; n++)
-        for (int t = 0; t < T; t += 4) {
-            const xq_t xt = {x->q + (size_t)t * K, x->d + (size_t)t * nb, x->s + (size_t)t * nb};
-            const uint8_t *wn = w + (size_t)n * row_bytes;
-            float *yt = y + (size_t)t * N + n;
-            switch (T - t >= 4 ? 4 : T - t) {
-            case 4: tile_int8(&xt, K, wn, kind, 4, yt, N); break;
-            case 3: tile_int8(&xt, K, wn, kind, 3, yt, N); break;
-            case 2: tile_int8(&xt, K, wn, kind, 2, yt, N); break;
-            default: tile_int8(&xt, K, wn, kind, 1, yt, N); break;
-            }
+    for (int t = 0; t < T; t += 4) {
+        const xq_t xt = {x->q + (size_t)t * K, x->d + (size_t)t * nb, x->s + (size_t)t * nb};
+        float *yt = y + (size_t)t * N;
+        switch (T - t >= 4 ? 4 : T - t) {
+        case 4: tile_int8(&xt, K, wrow, kind, 4, yt, N); break;
+        case 3: tile_int8(&xt, K, wrow, kind, 3, yt, N); break;
+        case 2: tile_int8(&xt, K, wrow, kind, 2, yt, N); break;
+        default: tile_int8(&xt, K, wrow, kind, 1, yt, N); break;
         }
+    }
 }
 
-/* y = x W^T with x rounded to int8 blocks into xq (room for T rows of K), shared among the team's threads. */
+/* y = x W^T with x rounded to int8 blocks into xq (room for T rows of K), shared among the team's threads; rows
+   of xq go in L2-sized chunks, as in linear_team. */
 static void linear_int8_team(const float *x, int T, int K, const uint8_t *w, int N, int kind, float *y, xq_t *xq) {
     const int nb = K / QK;
     const size_t row_bytes = (size_t)nb * (kind == 4 ? Q4_BYTES : Q8_BYTES);
 #pragma omp for schedule(static)
     for (int t = 0; t < T; t++)
         quantise_row(x + (size_t)t * K, K, xq->q + (size_t)t * K, xq->d + (size_t)t * nb, xq->s + (size_t)t * nb);
-    const int groups = (N + 3) / 4; /* runs of 4 weight rows, so the four-row tiles never straddle two threads */
+    int chunk = X_CHUNK_BYTES / K / 4 * 4;
+    if (chunk < 4) chunk = 4;
+    for (int t = 0; t < T; t += chunk) {
+        const xq_t xt = {xq->q + (size_t)t * K, xq->d + (size_t)t * nb, xq->s + (size_t)t * nb};
+        const int rows = T - t < chunk ? T - t : chunk;
 #pragma omp for schedule(static)
-    for (int g = 0; g < groups; g++) rows_int8(xq, T, K, w, row_bytes, kind, 4 * g, 4 * g + 4 < N ? 4 * g + 4 : N, y, N);
+        for (int n = 0; n < N; n++) row_int8(&xt, rows, K, w + (size_t)n * row_bytes, kind, y + (size_t)t * N + n, N);
+    }
 }
 
 static int xq_alloc(xq_t *xq, int T, int K) {
