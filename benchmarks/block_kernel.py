@@ -1,4 +1,5 @@
-"""Microbenchmark of bild/kernels' block product: ns per Q4_1 block for 1, 4 and 9 rows of x, on 1 and 2 threads.
+"""Microbenchmark of bild/kernels' block product: ns per Q4_1 block for 1, 4 and 9 rows of x, on 1 and 2 threads,
+with fp32 activations and with int8 ones (`--activations int8`).
 
     .venv/bin/python benchmarks/block_kernel.py [--rounds 20]
 
@@ -46,13 +47,14 @@ def main() -> None:
         raise SystemExit(f"block kernels unavailable: {kernels.unavailable()}")
     torch.manual_seed(0)
     w = weight(24576, 576)
-    print("| rows of x | threads | ns per block per thread (best) | vs 1 row |")
-    print("|---|---|---|---|")
-    for threads in (1, 2):
-        one = ns_per_block(w, 1, threads, args.rounds)
-        for rows in (1, 4, 9):
-            ns = one if rows == 1 else ns_per_block(w, rows, threads, args.rounds)
-            print(f"| {rows} | {threads} | {ns:.2f} | {ns / one:.2f}x |")
+    print("| activations | rows of x | threads | ns per block per thread (best) | vs 1 row |")
+    print("|---|---|---|---|---|")
+    for name, weights in (("fp32", w), ("int8", kernels.with_int8(w))):
+        for threads in (1, 2):
+            one = ns_per_block(weights, 1, threads, args.rounds)
+            for rows in (1, 4, 9):
+                ns = one if rows == 1 else ns_per_block(weights, rows, threads, args.rounds)
+                print(f"| {name} | {rows} | {threads} | {ns:.2f} | {ns / one:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -225,12 +225,11 @@ static void row_int8(const xq_t *x, int T, int K, const uint8_t *wrow, int kind,
     }
 }
 
-/* y = x W^T with x rounded to int8 blocks into xq (room for T rows of K), shared among the team's threads; rows
-   of xq go in L2-sized chunks, as in linear_team. */
+/* y = x W^T shared among the team's threads. Each thread rounds all of x to int8 blocks into its own xq (room for
+   T rows of K), so the rounding needs no barrier of its own. Rows of xq go in L2-sized chunks, as in linear_team. */
 static void linear_int8_team(const float *x, int T, int K, const uint8_t *w, int N, int kind, float *y, xq_t *xq) {
     const int nb = K / QK;
     const size_t row_bytes = (size_t)nb * (kind == 4 ? Q4_BYTES : Q8_BYTES);
-#pragma omp for schedule(static)
     for (int t = 0; t < T; t++)
         quantise_row(x + (size_t)t * K, K, xq->q + (size_t)t * K, xq->d + (size_t)t * nb, xq->s + (size_t)t * nb);
     int chunk = X_CHUNK_BYTES / K / 4 * 4;
@@ -254,14 +253,18 @@ static void xq_free(xq_t *xq) { free(xq->q), free(xq->d), free(xq->s); }
 
 /* As block_linear, with x rounded to int8 blocks. Returns 0, or -1 when scratch memory cannot be had. */
 int block_linear_int8(const float *x, int T, int K, const uint8_t *w, int N, int kind, float *y, int threads) {
-    xq_t xq;
-    const int ok = xq_alloc(&xq, T, K);
-    if (ok) {
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
-        linear_int8_team(x, T, K, w, N, kind, y, &xq);
+    {
+        xq_t xq;
+        const int ok = xq_alloc(&xq, T, K);
+#pragma omp atomic
+        failed += !ok;
+#pragma omp barrier
+        if (!failed) linear_int8_team(x, T, K, w, N, kind, y, &xq);
+        xq_free(&xq);
     }
-    xq_free(&xq);
-    return ok ? 0 : -1;
+    return failed ? -1 : 0;
 }
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -407,11 +410,16 @@ static void attend(const float *q, const float *kc, const float *vc, int n_keys,
 }
 
 /* Per-layer scratch, shared by the team: h (T, dim), qkv (T, (H + 2 H_kv) D), y (T, max(H D, 2F)),
-   o (T, max(dim, F)), and x rounded to int8 for the products, xq (T, max(dim, H D, F)). */
+   o (T, max(dim, F)). */
 typedef struct {
     float *h, *qkv, *y, *o;
-    xq_t xq;
 } scratch_t;
+
+/* Each thread's own scratch: attention scores (start + T,) and x rounded to int8, (T, max(dim, H D, F)). */
+typedef struct {
+    float *scores;
+    xq_t xq;
+} own_t;
 
 static int scratch_alloc(scratch_t *s, int T, const dims_t *c) {
     const int HD = c->n_heads * c->head_dim, width = (c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
@@ -420,15 +428,23 @@ static int scratch_alloc(scratch_t *s, int T, const dims_t *c) {
     s->qkv = malloc(sizeof(float) * (size_t)T * width);
     s->y = malloc(sizeof(float) * (size_t)T * (HD > 2 * c->ffn_dim ? HD : 2 * c->ffn_dim));
     s->o = malloc(sizeof(float) * (size_t)T * wide);
-    const int xq = xq_alloc(&s->xq, T, wide > HD ? wide : HD);
-    return s->h && s->qkv && s->y && s->o && xq;
+    return s->h && s->qkv && s->y && s->o;
 }
 
-static void scratch_free(scratch_t *s) { free(s->h), free(s->qkv), free(s->y), free(s->o), xq_free(&s->xq); }
+static void scratch_free(scratch_t *s) { free(s->h), free(s->qkv), free(s->y), free(s->o); }
+
+static int own_alloc(own_t *own, int start, int T, const dims_t *c) {
+    const int HD = c->n_heads * c->head_dim, wide = c->dim > c->ffn_dim ? c->dim : c->ffn_dim;
+    own->scores = malloc(sizeof(float) * (size_t)(start + T));
+    const int xq = xq_alloc(&own->xq, T, wide > HD ? wide : HD);
+    return own->scores && xq;
+}
+
+static void own_free(own_t *own) { free(own->scores), xq_free(&own->xq); }
 
 /* y = x W^T for the layer's weight i, in its activation precision. */
-static void layer_linear(const layer_t *L, int i, const float *x, int T, int K, int N, float *y, scratch_t *s) {
-    if (L->int8) linear_int8_team(x, T, K, L->w[i], N, L->kind[i], y, &s->xq);
+static void layer_linear(const layer_t *L, int i, const float *x, int T, int K, int N, float *y, own_t *own) {
+    if (L->int8) linear_int8_team(x, T, K, L->w[i], N, L->kind[i], y, &own->xq);
     else linear_team(x, T, K, L->w[i], N, L->kind[i], y);
 }
 
@@ -497,19 +513,19 @@ static void swiglu_team(const float *y, const float *b, int T, int F, float *o) 
 
 /* One decoder layer, run by every thread of the enclosing parallel region; each `omp for` ends in a barrier. */
 static void layer_team(float *x, int T, int start, const dims_t *c, const layer_t *L, float *kc, float *vc,
-                       const float *cos, const float *sin, scratch_t *s, float *scores) {
+                       const float *cos, const float *sin, scratch_t *s, own_t *own) {
     const int HD = c->n_heads * c->head_dim, F = c->ffn_dim, dim = c->dim;
     const int width = (c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
     norm_team(x, T, dim, L->attn_norm, c->eps, s->h);
-    layer_linear(L, 0, s->h, T, dim, width, s->qkv, s); /* (T, (H + 2 H_kv) D) */
+    layer_linear(L, 0, s->h, T, dim, width, s->qkv, own); /* (T, (H + 2 H_kv) D) */
     rope_team(s->qkv, T, start, c, L->bias[0], kc, vc, cos, sin);
-    attention_team(s->qkv, T, start, c, kc, vc, scores, s->y); /* (T, H D) */
-    layer_linear(L, 1, s->y, T, HD, dim, s->o, s); /* (T, dim) */
+    attention_team(s->qkv, T, start, c, kc, vc, own->scores, s->y); /* (T, H D) */
+    layer_linear(L, 1, s->y, T, HD, dim, s->o, own); /* (T, dim) */
     residual_team(x, s->o, L->bias[1], T, dim);
     norm_team(x, T, dim, L->mlp_norm, c->eps, s->h);
-    layer_linear(L, 2, s->h, T, dim, 2 * F, s->y, s); /* (T, 2F): gate, then up */
+    layer_linear(L, 2, s->h, T, dim, 2 * F, s->y, own); /* (T, 2F): gate, then up */
     swiglu_team(s->y, L->bias[2], T, F, s->o); /* (T, F) */
-    layer_linear(L, 3, s->o, T, F, dim, s->h, s); /* (T, dim) */
+    layer_linear(L, 3, s->o, T, F, dim, s->h, own); /* (T, dim) */
     residual_team(x, s->h, L->bias[3], T, dim);
 }
 
@@ -525,13 +541,14 @@ int model_forward(float *x, int T, int start, const dims_t *c, const layer_t *la
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = malloc(sizeof(float) * (size_t)(start + T));
+        own_t own;
+        const int ok = own_alloc(&own, start, T, c);
 #pragma omp atomic
-        failed += scores == NULL;
+        failed += !ok;
 #pragma omp barrier
         for (int l = 0; l < n_layers && !failed; l++)
-            layer_team(x, T, start, c, &layers[l], kc[l], vc[l], cos, sin, &s, scores);
-        free(scores);
+            layer_team(x, T, start, c, &layers[l], kc[l], vc[l], cos, sin, &s, &own);
+        own_free(&own);
     }
     scratch_free(&s);
     return failed ? -1 : 0;
