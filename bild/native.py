@@ -190,8 +190,8 @@ def from_hf(hf_model, dtype: torch.dtype | None = None, pack: bool | None = None
     gguf_blocks (float32 only; default: where the block kernels run): weights that are GGUF blocks, dequantised, are
     read as those blocks (pack_blocks). like: the big model a little one runs beside; its other weights are then
     packed as pack_like says (fp16 beside blocks: a draft's precision never changes a lossless policy's output).
-    int8: the blocks take int8-rounded activations (with_int8); needs gguf_blocks, and a little model gets it from
-    `like`."""
+    int8: the blocks take int8-rounded activations (with_int8); needs gguf_blocks. A little model packed like an
+    int8 model takes int8 anyway."""
     if not supports(hf_model):
         raise ValueError(f"native forward does not handle {type(hf_model).__name__}")
     weights = resolve_dtype(dtype)
@@ -218,11 +218,11 @@ def from_hf(hf_model, dtype: torch.dtype | None = None, pack: bool | None = None
         return pack_fp16(model)
     if weights == torch.float32 and (kernels.unavailable() is None if gguf_blocks is None else gguf_blocks):
         model = pack_blocks(model)
-    if int8:
-        return with_int8(model)
     if like is not None:
-        return pack_like(model, like)
-    return pack_weights(model) if (torch.backends.mkldnn.is_available() if pack is None else pack) else model
+        model = pack_like(model, like)  # int8 as well when `like` takes int8
+    elif torch.backends.mkldnn.is_available() if pack is None else pack:
+        model = pack_weights(model)
+    return with_int8(model) if int8 else model
 
 
 def _head(lm_head, embed_tokens, embed: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
@@ -400,7 +400,9 @@ def pack_weight_like(w: Tensor, like: NativeModel) -> Tensor | torch.ScriptObjec
     """One extra matmul weight (a feature draft's fc) packed as `like`'s layers are."""
     if like.gguf_blocks:
         blocks = kernels.quantise(w)
-        return onednn_weight(w) if blocks is None else kernels.with_int8(blocks) if like.int8 else blocks
+        if blocks is None:
+            return onednn_weight(w)
+        return kernels.with_int8(blocks) if like.int8 else blocks
     if like.matmul_dtype == torch.float16:
         return fp16_weight(w)
     return onednn_weight(w) if like.layers[0].wqkv.is_mkldnn else w

@@ -5,7 +5,7 @@ A GGUF model loaded through transformers arrives dequantised to fp32, but every 
 `linear` computes with them in `blocks.c` (AVX2 + FMA, fp32 accumulation) and streams 6 bits per weight (q4_1)
 or 9 (q8_0) instead of 32. Results are those of an fp32 matmul over the very same weights, up to summation order.
 A weight marked `int8` instead takes activations rounded to int8 per 32-value block, as llama.cpp computes:
-lossy, and about 1.7x faster for one row of x (`with_int8`).
+lossy, and about 1.3x faster for one row of x (`with_int8`; benchmarks/block_kernel.py).
 The C file compiles on first use (about a second) into $BILD_CACHE/kernels; without a C compiler or AVX2 the
 native engine keeps its torch kernels (`unavailable()` says why).
 """

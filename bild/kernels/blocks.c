@@ -12,8 +12,9 @@
 
    int8 activations (optional, lossy; what llama.cpp computes): each row's 32-value block of x is rounded to
    xd * qx with xd = max |x| / 127 and qx in -127..127, and a block's product is an integer dot product, d * xd *
-   sum(q qx) (+ m * xd * sum(qx) for q4_1), accumulated in fp32. That reads the weights about 1.7x faster for one
-   row of x; every output still runs the same instruction sequence whatever T, so it stays batch-invariant. */
+   sum(q qx) (+ m * xd * sum(qx) for q4_1), accumulated in fp32. That is about 1.3x faster for one row of x
+   (benchmarks/block_kernel.py); every output still runs the same instruction sequence whatever T, so it stays
+   batch-invariant. */
 
 #include <immintrin.h>
 #include <math.h>
