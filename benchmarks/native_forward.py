@@ -72,15 +72,14 @@ def interleaved(steps: dict, rounds: int, warmup: int = 3) -> dict[str, list[flo
     return times
 
 
-def read_bandwidth(n_bytes: int = 512 << 20, repeats: int = 10) -> float:
-    """Bytes/s of a large fp32 sum (a pure streaming read); best of `repeats`, as the bound is a best case."""
+READ_BYTES = 512 << 20
+
+
+def memory_read(n_bytes: int = READ_BYTES):
+    """A closure: one large fp32 sum, a pure streaming read of n_bytes. It runs in the interleaved rounds, so the
+    bandwidth comes from the same moments as the forwards; the best round counts, as the bound is a best case."""
     x = torch.ones(n_bytes // 4)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return n_bytes / best
+    return lambda: x.sum()
 
 
 def ms(xs: list[float]) -> str:
@@ -127,10 +126,11 @@ def main():
         steps[f"native {plain} unpacked weights k={k}"] = stepper(unpacked, context, k)
     for threads in {1, 2} - {torch.get_num_threads()}:
         steps[f"native {best} k=1, {threads} thread(s)"] = with_threads(stepper(fast, context, 1), threads)
+    steps["memory read, 512 MB"] = memory_read()
     with torch.inference_mode():
         times = interleaved(steps, args.rounds)
 
-    bw = read_bandwidth()
+    bw = READ_BYTES / min(times["memory read, 512 MB"])
     med = {name: statistics.median(xs) for name, xs in times.items()}
     print(f"\ncontext {args.context} tokens, {args.rounds} interleaved rounds; ms per forward, median (min)\n")
     one = f"native {best} k=1"
