@@ -26,8 +26,9 @@ def probs(logits: Tensor, cfg: GenerationConfig) -> Tensor:
     logits = logits.float()
     # shift before dividing: (logits - max) / τ stays in [-inf, 0], so even a tiny τ cannot overflow; a τ below
     # float32's smallest normal would become 0 in the division (0 / 0 = NaN at the max), so it is raised to it
-    tau = max(cfg.temperature, torch.finfo(torch.float32).tiny) if not cfg.greedy else 1.0
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / tau
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    if not cfg.greedy:
+        logits = logits / max(cfg.temperature, torch.finfo(torch.float32).tiny)
     if not cfg.greedy and cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]  # (T, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -52,7 +53,7 @@ def target(pr: Tensor, cfg: GenerationConfig) -> Tensor:
     """The distribution a model samples from: one-hot argmax when greedy, else pr itself."""
     if not cfg.greedy:
         return pr
-    return torch.nn.functional.one_hot(pr.argmax(-1), pr.shape[-1]).to(pr.dtype)
+    return torch.zeros_like(pr).scatter_(-1, pr.argmax(-1, keepdim=True), 1.0)  # one-hot, in pr's dtype
 
 
 def sample(pr: Tensor, gen: torch.Generator | None) -> int:
