@@ -28,6 +28,8 @@
 #define PREFETCH_BYTES 2048 /* how far ahead along a weight row the products prefetch (every other block) */
 #define TILE 8 /* rows of x per pass over a weight row; the weight row stays in L1 across passes */
 
+static inline int block_bytes(int kind) { return kind == 4 ? Q4_BYTES : Q8_BYTES; }
+
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -75,7 +77,7 @@ static inline __attribute__((always_inline)) void block_dot(const uint8_t *blk, 
    shorter than the block's own work. */
 static inline __attribute__((always_inline)) void row_tile(const float *x, int K, const uint8_t *wrow, int kind,
                                                           int R, float *y, int N) {
-    const int bytes = kind == 4 ? Q4_BYTES : Q8_BYTES;
+    const int bytes = block_bytes(kind);
     __m256 acc[TILE];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int b = 0; b < K / QK; b++) {
@@ -107,7 +109,7 @@ static void row(const float *x, int T, int K, const uint8_t *wrow, int kind, flo
    passes over them: a long prompt's x would otherwise stream from memory once per weight row. */
 #define X_CHUNK_BYTES (192 * 1024)
 static void linear_team(const float *x, int T, int K, const uint8_t *w, int N, int kind, float *y) {
-    const size_t row_bytes = (size_t)(K / QK) * (kind == 4 ? Q4_BYTES : Q8_BYTES);
+    const size_t row_bytes = (size_t)(K / QK) * block_bytes(kind);
     int chunk = X_CHUNK_BYTES / (int)(sizeof(float) * K) / TILE * TILE;
     if (chunk < TILE) chunk = TILE;
     for (int t = 0; t < T; t += chunk) {
@@ -124,7 +126,6 @@ void block_linear(const float *x, int T, int K, const uint8_t *w, int N, int kin
 }
 
 /* ---- int8 activations ------------------------------------------------------------------------------------- */
-
 
 /* x rounded per 32-value block: q (T, K) int8, d (T, K / 32) scales, s (T, K / 32) = d * sum of the block's q. */
 typedef struct {
@@ -200,7 +201,7 @@ static inline __attribute__((always_inline)) void block_int8(const xq_t *x, int 
    row, and the weight row streams in order. */
 static inline __attribute__((always_inline)) void tile_int8(const xq_t *x, int K, const uint8_t *w, int kind, int R,
                                                            float *y, int N) {
-    const int nb = K / QK, bytes = kind == 4 ? Q4_BYTES : Q8_BYTES;
+    const int nb = K / QK, bytes = block_bytes(kind);
     __m256 even[4], odd[4];
     float meven[4], modd[4];
     for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps(), meven[r] = modd[r] = 0.0f;
@@ -229,11 +230,12 @@ static void row_int8(const xq_t *x, int T, int K, const uint8_t *wrow, int kind,
     }
 }
 
-/* y = x W^T shared among the team's threads. Each thread rounds all of x to int8 blocks into its own xq (room for
-   T rows of K), so the rounding needs no barrier of its own. Rows of xq go in L2-sized chunks, as in linear_team. */
+/* y = x W^T with x rounded to int8 blocks into xq (room for T rows of K), shared among the team's threads; rows
+   of xq go in L2-sized chunks, as in linear_team. */
 static void linear_int8_team(const float *x, int T, int K, const uint8_t *w, int N, int kind, float *y, xq_t *xq) {
     const int nb = K / QK;
-    const size_t row_bytes = (size_t)nb * (kind == 4 ? Q4_BYTES : Q8_BYTES);
+    const size_t row_bytes = (size_t)nb * block_bytes(kind);
+#pragma omp for schedule(static)
     for (int t = 0; t < T; t++)
         quantise_row(x + (size_t)t * K, K, xq->q + (size_t)t * K, xq->d + (size_t)t * nb, xq->s + (size_t)t * nb);
     int chunk = X_CHUNK_BYTES / K / 4 * 4;
@@ -257,18 +259,14 @@ static void xq_free(xq_t *xq) { free(xq->q), free(xq->d), free(xq->s); }
 
 /* As block_linear, with x rounded to int8 blocks. Returns 0, or -1 when scratch memory cannot be had. */
 int block_linear_int8(const float *x, int T, int K, const uint8_t *w, int N, int kind, float *y, int threads) {
-    int failed = 0;
+    xq_t xq;
+    const int ok = xq_alloc(&xq, T, K);
+    if (ok) {
 #pragma omp parallel num_threads(threads)
-    {
-        xq_t xq;
-        const int ok = xq_alloc(&xq, T, K);
-#pragma omp atomic
-        failed += !ok;
-#pragma omp barrier
-        if (!failed) linear_int8_team(x, T, K, w, N, kind, y, &xq);
-        xq_free(&xq);
+        linear_int8_team(x, T, K, w, N, kind, y, &xq);
     }
-    return failed ? -1 : 0;
+    xq_free(&xq);
+    return ok ? 0 : -1;
 }
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -414,16 +412,11 @@ static void attend(const float *q, const float *kc, const float *vc, int n_keys,
 }
 
 /* Per-layer scratch, shared by the team: h (T, dim), qkv (T, (H + 2 H_kv) D), y (T, max(H D, 2F)),
-   o (T, max(dim, F)). */
+   o (T, max(dim, F)), and x rounded to int8 for the products, xq (T, max(dim, H D, F)). */
 typedef struct {
     float *h, *qkv, *y, *o;
-} scratch_t;
-
-/* Each thread's own scratch: attention scores (start + T,) and x rounded to int8, (T, max(dim, H D, F)). */
-typedef struct {
-    float *scores;
     xq_t xq;
-} own_t;
+} scratch_t;
 
 static int scratch_alloc(scratch_t *s, int T, const dims_t *c) {
     const int HD = c->n_heads * c->head_dim, width = (c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
@@ -432,23 +425,15 @@ static int scratch_alloc(scratch_t *s, int T, const dims_t *c) {
     s->qkv = malloc(sizeof(float) * (size_t)T * width);
     s->y = malloc(sizeof(float) * (size_t)T * (HD > 2 * c->ffn_dim ? HD : 2 * c->ffn_dim));
     s->o = malloc(sizeof(float) * (size_t)T * wide);
-    return s->h && s->qkv && s->y && s->o;
+    const int xq = xq_alloc(&s->xq, T, wide > HD ? wide : HD);
+    return s->h && s->qkv && s->y && s->o && xq;
 }
 
-static void scratch_free(scratch_t *s) { free(s->h), free(s->qkv), free(s->y), free(s->o); }
-
-static int own_alloc(own_t *own, int start, int T, const dims_t *c) {
-    const int HD = c->n_heads * c->head_dim, wide = c->dim > c->ffn_dim ? c->dim : c->ffn_dim;
-    own->scores = malloc(sizeof(float) * (size_t)(start + T));
-    const int xq = xq_alloc(&own->xq, T, wide > HD ? wide : HD);
-    return own->scores && xq;
-}
-
-static void own_free(own_t *own) { free(own->scores), xq_free(&own->xq); }
+static void scratch_free(scratch_t *s) { free(s->h), free(s->qkv), free(s->y), free(s->o), xq_free(&s->xq); }
 
 /* y = x W^T for the layer's weight i, in its activation precision. */
-static void layer_linear(const layer_t *L, int i, const float *x, int T, int K, int N, float *y, own_t *own) {
-    if (L->int8) linear_int8_team(x, T, K, L->w[i], N, L->kind[i], y, &own->xq);
+static void layer_linear(const layer_t *L, int i, const float *x, int T, int K, int N, float *y, scratch_t *s) {
+    if (L->int8) linear_int8_team(x, T, K, L->w[i], N, L->kind[i], y, &s->xq);
     else linear_team(x, T, K, L->w[i], N, L->kind[i], y);
 }
 
@@ -517,19 +502,19 @@ static void swiglu_team(const float *y, const float *b, int T, int F, float *o) 
 
 /* One decoder layer, run by every thread of the enclosing parallel region; each `omp for` ends in a barrier. */
 static void layer_team(float *x, int T, int start, const dims_t *c, const layer_t *L, float *kc, float *vc,
-                       const float *cos, const float *sin, scratch_t *s, own_t *own) {
+                       const float *cos, const float *sin, scratch_t *s, float *scores) {
     const int HD = c->n_heads * c->head_dim, F = c->ffn_dim, dim = c->dim;
     const int width = (c->n_heads + 2 * c->n_kv_heads) * c->head_dim;
     norm_team(x, T, dim, L->attn_norm, c->eps, s->h);
-    layer_linear(L, 0, s->h, T, dim, width, s->qkv, own); /* (T, (H + 2 H_kv) D) */
+    layer_linear(L, 0, s->h, T, dim, width, s->qkv, s); /* (T, (H + 2 H_kv) D) */
     rope_team(s->qkv, T, start, c, L->bias[0], kc, vc, cos, sin);
-    attention_team(s->qkv, T, start, c, kc, vc, own->scores, s->y); /* (T, H D) */
-    layer_linear(L, 1, s->y, T, HD, dim, s->o, own); /* (T, dim) */
+    attention_team(s->qkv, T, start, c, kc, vc, scores, s->y); /* (T, H D) */
+    layer_linear(L, 1, s->y, T, HD, dim, s->o, s); /* (T, dim) */
     residual_team(x, s->o, L->bias[1], T, dim);
     norm_team(x, T, dim, L->mlp_norm, c->eps, s->h);
-    layer_linear(L, 2, s->h, T, dim, 2 * F, s->y, own); /* (T, 2F): gate, then up */
+    layer_linear(L, 2, s->h, T, dim, 2 * F, s->y, s); /* (T, 2F): gate, then up */
     swiglu_team(s->y, L->bias[2], T, F, s->o); /* (T, F) */
-    layer_linear(L, 3, s->o, T, F, dim, s->h, own); /* (T, dim) */
+    layer_linear(L, 3, s->o, T, F, dim, s->h, s); /* (T, dim) */
     residual_team(x, s->h, L->bias[3], T, dim);
 }
 
@@ -545,14 +530,13 @@ int model_forward(float *x, int T, int start, const dims_t *c, const layer_t *la
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        own_t own;
-        const int ok = own_alloc(&own, start, T, c);
+        float *scores = malloc(sizeof(float) * (size_t)(start + T));
 #pragma omp atomic
-        failed += !ok;
+        failed += scores == NULL;
 #pragma omp barrier
         for (int l = 0; l < n_layers && !failed; l++)
-            layer_team(x, T, start, c, &layers[l], kc[l], vc[l], cos, sin, &s, &own);
-        own_free(&own);
+            layer_team(x, T, start, c, &layers[l], kc[l], vc[l], cos, sin, &s, scores);
+        free(scores);
     }
     scratch_free(&s);
     return failed ? -1 : 0;
