@@ -297,9 +297,7 @@ def pack_weights(model: NativeModel, batch_hint: int = PACK_BATCH_HINT) -> Nativ
     bf16, and differ from it in the last bits in fp32. Norms, embedding and biases stay plain tensors."""
     def packed(w: Tensor | BlockWeight) -> Tensor | BlockWeight:
         return w if isinstance(w, BlockWeight) else onednn_weight(w, batch_hint)
-    layers = [dataclasses.replace(layer, wqkv=packed(layer.wqkv), wo=packed(layer.wo), w13=packed(layer.w13),
-                                  w2=packed(layer.w2)) for layer in model.layers]
-    return dataclasses.replace(model, layers=layers, head=packed(model.head))
+    return _map_weights(model, packed)
 
 
 def onednn_weight(w: Tensor, batch_hint: int = PACK_BATCH_HINT) -> Tensor:
@@ -314,9 +312,7 @@ def pack_fp16(model: NativeModel) -> NativeModel:
     relative to the fp16-rounded weights (a relative change of at most 2^-11 per weight)."""
     if model.dtype != torch.float32:
         raise ValueError(f"fp16 weights go with float32 activations, not {model.dtype}")
-    layers = [dataclasses.replace(layer, wqkv=fp16_weight(layer.wqkv), wo=fp16_weight(layer.wo),
-                                  w13=fp16_weight(layer.w13), w2=fp16_weight(layer.w2)) for layer in model.layers]
-    return dataclasses.replace(model, layers=layers, head=fp16_weight(model.head), weight_dtype=torch.float16)
+    return _map_weights(model, fp16_weight, weight_dtype=torch.float16)
 
 
 def fp16_weight(w: Tensor | BlockWeight) -> torch.ScriptObject | BlockWeight:
@@ -344,6 +340,14 @@ def pack_blocks(model: NativeModel) -> NativeModel:
     head = read(model.head, "q8_0")
     found = layers is not model.layers or isinstance(head, BlockWeight)
     return dataclasses.replace(model, layers=layers, head=head, gguf_blocks=found) if found else model
+
+
+def _map_weights(model: NativeModel, f, **fields) -> NativeModel:
+    """The model with f applied to every layer's four matmul weights and to the head (layers re-fused), and
+    `fields` replaced."""
+    layers = [_fuse(dataclasses.replace(layer, wqkv=f(layer.wqkv), wo=f(layer.wo), w13=f(layer.w13), w2=f(layer.w2)))
+              for layer in model.layers]
+    return dataclasses.replace(model, layers=layers, head=f(model.head), **fields)
 
 
 def _fuse(layer: Layer) -> Layer:
@@ -374,11 +378,8 @@ def round_blocks(model: NativeModel) -> NativeModel:
     on the big model. Weights whose input width is not a multiple of 32 stay packed fp32."""
     def rounded(w: Tensor | BlockWeight) -> Tensor | BlockWeight:
         return w if isinstance(w, BlockWeight) else kernels.quantise(w) or onednn_weight(w)
-    layers = [_fuse(dataclasses.replace(layer, wqkv=rounded(layer.wqkv), wo=rounded(layer.wo), w13=rounded(layer.w13),
-                                        w2=rounded(layer.w2))) for layer in model.layers]
     own = [w for w in _matmul_weights(model) if not isinstance(w, BlockWeight)]
-    return dataclasses.replace(model, layers=layers, head=rounded(model.head), gguf_blocks=True,
-                               rounded="q8_0" if own else None)
+    return _map_weights(model, rounded, gguf_blocks=True, rounded="q8_0" if own else None)
 
 
 def with_int8(model: NativeModel) -> NativeModel:
@@ -391,9 +392,7 @@ def with_int8(model: NativeModel) -> NativeModel:
 
     def int8(w):
         return kernels.with_int8(w) if isinstance(w, BlockWeight) else w
-    layers = [_fuse(dataclasses.replace(layer, wqkv=int8(layer.wqkv), wo=int8(layer.wo), w13=int8(layer.w13),
-                                        w2=int8(layer.w2))) for layer in model.layers]
-    return dataclasses.replace(model, layers=layers, head=int8(model.head), int8=True)
+    return _map_weights(model, int8, int8=True)
 
 
 def pack_weight_like(w: Tensor, like: NativeModel) -> Tensor | torch.ScriptObject | BlockWeight:
