@@ -132,6 +132,9 @@ def _train_args(p, run_dir: bool = True) -> None:
     p.add_argument("--w-reg", type=float, default=1.0, help="feature drafts: weight of the feature regression")
     p.add_argument("--fc-lr-scale", type=float, default=1.0,
                    help="feature drafts: the fc's learning rate as a multiple of --lr")
+    p.add_argument("--draft-steps", type=int, default=1,
+                   help="feature drafts: also train the 2nd..n-th draft token of a round on the draft's own features "
+                        "(HASS); the best checkpoint is then chosen by accept_est")
     p.add_argument("--minutes", type=float, default=10.0, help="training wall-time budget")
     p.add_argument("--max-steps", type=int, default=10_000_000, help="stop after this many steps (reproducible)")
     p.add_argument("--eval-every", type=float, default=2.0, help="minutes")
@@ -224,6 +227,7 @@ def _train_config(args, out_dir: str):
     return TrainConfig(out_dir=out_dir, teacher_dir=args.teacher_dir, heldout_dir=args.heldout_dir, lr=args.lr,
                        warmup_steps=args.warmup, schedule=args.schedule, batch_size=args.batch_size,
                        w_kd=args.w_kd, w_ce=args.w_ce, w_reg=args.w_reg, fc_lr_scale=args.fc_lr_scale,
+                       draft_steps=args.draft_steps,
                        max_minutes=args.minutes, max_steps=args.max_steps, teacher_shards=args.teacher_shards,
                        eval_every_minutes=args.eval_every, ckpt_every_minutes=args.ckpt_every, seed=args.seed,
                        threads=args.threads, aligned_every=args.aligned_every if args.data == "mix" else 1,

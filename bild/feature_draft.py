@@ -26,6 +26,7 @@ native inference forward) and `FeatureRunner` (the decoding loop's runner, readi
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,34 @@ from torch import Tensor, nn
 
 from . import native
 from .errors import BildError
+
+
+EVAL_STEPS = 3  # draft tokens per round that held-out agreement scores (the draft sweep's γ)
+KV = tuple[Tensor, Tensor]  # one pass's keys and values, (B, H_kv, T, D) each
+
+
+def unrolled_attention(q: Tensor, kvs: list[KV]) -> Tensor:
+    """Causal attention for pass n = len(kvs) of a drafting unroll (HASS, arXiv 2408.15766): q (B, H, T, D).
+
+    Pass n at position t is the n-th draft token of a round that began at position t - n + 1. Its context is what
+    the draft's cache holds then: pass 1's entries (built from the big model's features) at positions
+    <= t - n + 1, and pass m's entry at position t - (n - m) for m = 2..n (built from the draft's own f̂)."""
+    B, H, T, D = q.shape
+    n, group = len(kvs), H // kvs[0][0].shape[1]
+    expand = lambda t: t.repeat_interleave(group, dim=1)  # noqa: E731  (B, H_kv, T, D) -> (B, H, T, D)
+    pos = torch.arange(T, device=q.device)
+    k1, v1 = expand(kvs[0][0]), expand(kvs[0][1])  # (B, H, T, D) each
+    scores = (q @ k1.transpose(-1, -2)) * D ** -0.5  # (B, H, T, T)
+    scores = scores.masked_fill(pos[None, :] > pos[:, None] - (n - 1), float("-inf"))
+    own_scores, own_values = [], []
+    for m in range(2, n + 1):
+        lag = n - m  # pass m's entry sits `lag` positions before the query
+        k, v = (F.pad(expand(t), (0, 0, lag, 0))[:, :, :T] for t in kvs[m - 1])  # (B, H, T, D): row t = entry t - lag
+        own_scores.append(((q * k).sum(-1) * D ** -0.5).masked_fill(pos < lag, float("-inf")))  # (B, H, T)
+        own_values.append(v)
+    p = torch.cat([scores, torch.stack(own_scores, dim=-1)], dim=-1).softmax(-1)  # (B, H, T, T + n - 1)
+    own = (p[..., T:].unsqueeze(-1) * torch.stack(own_values, dim=-2)).sum(-2)  # (B, H, T, D)
+    return p[..., :T] @ v1 + own
 
 
 class Block(nn.Module):
@@ -46,14 +75,16 @@ class Block(nn.Module):
         self.mlp_norm, self.w13, self.w2 = own(layer.mlp_norm), own(layer.w13), own(layer.w2)
         self.n_heads, self.n_kv_heads, self.eps = n_heads, n_kv_heads, eps
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        """x (B, T, dim), rope: cos and sin (T, 1, D) -> (B, T, dim)."""
-        h = x + self._attention(F.rms_norm(x, x.shape[-1:], self.attn_norm, self.eps), rope)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], past: list[KV] = ()) -> tuple[Tensor, KV]:
+        """x (B, T, dim), rope: cos and sin (T, 1, D) -> (B, T, dim) and this pass's keys and values.
+        `past`: the keys and values of the earlier passes of an unroll (FeatureDraft.unroll)."""
+        a, kv = self._attention(F.rms_norm(x, x.shape[-1:], self.attn_norm, self.eps), rope, past)
+        h = x + a
         gate_up = F.linear(F.rms_norm(h, h.shape[-1:], self.mlp_norm, self.eps), self.w13)  # (B, T, 2F)
         gate, up = gate_up.chunk(2, dim=-1)  # (B, T, F) each
-        return h + F.linear(F.silu(gate) * up, self.w2)
+        return h + F.linear(F.silu(gate) * up, self.w2), kv
 
-    def _attention(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    def _attention(self, x: Tensor, rope: tuple[Tensor, Tensor], past: list[KV]) -> tuple[Tensor, KV]:
         B, T, _ = x.shape
         H, Hkv = self.n_heads, self.n_kv_heads
         D = self.wo.shape[1] // H
@@ -61,8 +92,11 @@ class Block(nn.Module):
         qk = native.apply_rope(qkv[:, :, :H + Hkv], *rope)  # (B, T, H + H_kv, D)
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H, T, D), (B, H_kv, T, D)
         v = qkv[:, :, H + Hkv:].transpose(1, 2)  # (B, H_kv, T, D)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, D)
-        return F.linear(y.transpose(1, 2).reshape(B, T, H * D), self.wo)  # (B, T, dim)
+        if past:
+            y = unrolled_attention(q, [*past, (k, v)])  # (B, H, T, D)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, D)
+        return F.linear(y.transpose(1, 2).reshape(B, T, H * D), self.wo), (k, v)  # (B, T, dim)
 
     def native(self, dtype: torch.dtype) -> native.Layer:
         w = lambda t: t.detach().to(dtype).contiguous()  # noqa: E731
@@ -123,12 +157,25 @@ class FeatureDraft(nn.Module):
 
     def forward(self, ids: Tensor, feats: Tensor) -> Tensor:
         """ids (B, T), feats (B, T, dim) with feats[:, t] = f_{t-1} -> predicted features f̂ (B, T, dim)."""
-        h = self.fc(torch.cat([self.embed_tokens(ids), feats.to(self.fc.weight.dtype)], dim=-1))  # (B, T, dim)
+        return self.unroll(ids, feats, 1)[0]
+
+    def unroll(self, ids: Tensor, feats: Tensor, steps: int) -> list[Tensor]:
+        """The first `steps` draft tokens of a round starting at every position at once: pass 1 reads the big
+        model's features feats (B, T, dim), pass n > 1 reads pass n-1's f̂ and attends as unrolled_attention
+        says. -> f̂ of each pass, (B, T, dim) each; pass n's row t predicts the token after t."""
+        emb = self.embed_tokens(ids)  # (B, T, dim)
         T = ids.shape[1]
         rope = (self.cos[:T].unsqueeze(1), self.sin[:T].unsqueeze(1))  # (T, 1, D) each
-        for block in self.blocks:
-            h = block(h, rope)
-        return F.rms_norm(h, h.shape[-1:], self.out_norm, self.eps)  # (B, T, dim)
+        pasts: list[list[KV]] = [[] for _ in self.blocks]
+        out = []
+        for _ in range(steps):
+            h = self.fc(torch.cat([emb, feats.to(self.fc.weight.dtype)], dim=-1))  # (B, T, dim)
+            for block, past in zip(self.blocks, pasts):
+                h, kv = block(h, rope, past)
+                past.append(kv)
+            out.append(F.rms_norm(h, h.shape[-1:], self.out_norm, self.eps))  # (B, T, dim)
+            feats = shifted(out[-1])
+        return out
 
     def logits(self, f: Tensor) -> Tensor:
         """Head logits over the kept ids (reduced head) or the full vocabulary: (..., N)."""
@@ -151,13 +198,15 @@ def shifted(feats: Tensor) -> Tensor:
 
 
 def aligned_loss(draft: FeatureDraft, batch: dict, lookup: Tensor | None, w_kd: float, w_ce: float,
-                 w_reg: float = 1.0, noise: float = 0.1) -> tuple[Tensor, dict, int]:
+                 w_reg: float = 1.0, noise: float = 0.1, steps: int = 1) -> tuple[Tensor, dict, int]:
     """Train on a padded teacher batch with features (bild.train.pad_batch): the shallow drafts' loss on the
     teacher's cached top-k (bild.train.topk_kd_loss: token KD + sequence KD, one pass of the head) plus smooth-L1
     regression of f̂ onto the big model's features at every position that has one.
     lookup: token id -> column of a reduced head (bild.train.vocab_lookup), or None for a full head.
     Input features get uniform noise of `noise` times their RMS, as in EAGLE, so the draft tolerates its own
-    slightly wrong f̂ while drafting several tokens."""
+    slightly wrong f̂ while drafting several tokens. steps > 1 also trains the later draft tokens of a round on the
+    draft's own f̂ (FeatureDraft.unroll, as HASS does); every pass has the same targets and weight, and the loss is
+    their sum."""
     from .train import topk_kd_loss
     _need_features(batch)
     feats, valid = batch["feats"], batch["feat_mask"]  # (B, T, dim) targets f_t, (B, T) bool
@@ -165,28 +214,38 @@ def aligned_loss(draft: FeatureDraft, batch: dict, lookup: Tensor | None, w_kd: 
     if noise and draft.training:
         scale = noise * feats[valid].float().pow(2).mean().sqrt()
         inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * scale
-    f_hat = draft(batch["ids"], inputs)  # (B, T, dim)
     pos = batch["positions"]  # (M, 2) positions with teacher logits
-    logits = draft.logits(f_hat[pos[:, 0], pos[:, 1]])  # (M, N)
-    loss, parts = topk_kd_loss(logits, batch["topv"], batch["topi"], batch["topi"][:, 0], lookup, w_kd, w_ce)
-    reg = F.smooth_l1_loss(f_hat[valid].float(), feats[valid].float())
-    return loss + w_reg * reg, {**parts, "reg": reg.item()}, len(pos)
+    total, parts = 0.0, {}
+    for n, f_hat in enumerate(draft.unroll(batch["ids"], inputs, steps), start=1):  # (B, T, dim) each
+        logits = draft.logits(f_hat[pos[:, 0], pos[:, 1]])  # (M, N)
+        loss, kd_parts = topk_kd_loss(logits, batch["topv"], batch["topi"], batch["topi"][:, 0], lookup, w_kd, w_ce)
+        reg = F.smooth_l1_loss(f_hat[valid].float(), feats[valid].float())
+        total = total + loss + w_reg * reg
+        suffix = "" if n == 1 else str(n)
+        parts.update({f"{k}{suffix}": v for k, v in {**kd_parts, "reg": reg.item()}.items()})
+    return total, parts, len(pos)
 
 
 @torch.no_grad()
-def agreement(draft: FeatureDraft, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict:
+def agreement(draft: FeatureDraft, examples: list[dict], pad_id: int, batch_size: int = 8,
+              steps: int = EVAL_STEPS) -> dict:
     """Held-out top-1 agreement with the big model's greedy tokens, teacher-forced on the big model's features:
-    what the first draft token of every round sees. Later draft tokens read the draft's own f̂; their acceptance
-    is measured end to end (bild bench: tokens per big call)."""
+    alpha is what the first draft token of every round sees. alpha_by_step[n-1] is the n-th draft token's, which
+    reads the draft's own f̂ (FeatureDraft.unroll; tokens still teacher-forced), and accept_est = Σ_n Π_{j<=n}
+    alpha_j estimates the draft tokens accepted per round of `steps` as if the steps erred independently. Measured
+    end to end, acceptance is bild bench's tokens per big call."""
     from .train import pad_batch
-    hits = total = 0
+    hits, total = [0] * steps, 0
     for b in range(0, len(examples), batch_size):
         batch = _need_features(pad_batch(examples[b:b + batch_size], pad_id))
         pos = batch["positions"]  # (M, 2)
-        f_hat = draft(batch["ids"], shifted(batch["feats"].float()))  # (B, T, dim)
-        hits += (_full_argmax(draft, f_hat[pos[:, 0], pos[:, 1]]) == batch["topi"][:, 0].long()).sum().item()
+        want = batch["topi"][:, 0].long()  # (M,)
+        for n, f_hat in enumerate(draft.unroll(batch["ids"], shifted(batch["feats"].float()), steps)):
+            hits[n] += (_full_argmax(draft, f_hat[pos[:, 0], pos[:, 1]]) == want).sum().item()
         total += len(pos)
-    return {"alpha": hits / max(total, 1), "positions": total}
+    alphas = [h / max(total, 1) for h in hits]
+    return {"alpha": alphas[0], "positions": total, "alpha_by_step": [round(a, 4) for a in alphas],
+            "accept_est": round(sum(math.prod(alphas[:n + 1]) for n in range(steps)), 4)}
 
 
 def _need_features(batch: dict) -> dict:

@@ -210,6 +210,8 @@ class TrainConfig:
     w_reg: float = 1.0                 # feature drafts: smooth-L1 regression of the predicted features
     fc_lr_scale: float = 1.0           # feature drafts: the fc's learning rate relative to lr (its feature half
                                        # reads inputs ~14x the embedding's scale; see param_groups)
+    draft_steps: int = 1               # feature drafts: train the first n draft tokens of a round (HASS unroll);
+                                       # n > 1 also selects the best checkpoint by accept_est, not alpha
     max_steps: int = 10_000_000
     max_minutes: float = 10.0
     eval_every_minutes: float = 2.0
@@ -219,8 +221,8 @@ class TrainConfig:
     autocast: bool | None = None       # bf16 autocast on CPU; None: where the CPU has native bf16 (else emulated, slow)
 
     def __post_init__(self):
-        if self.lr <= 0 or self.batch_size < 1 or self.fc_lr_scale <= 0:
-            raise ValueError("lr and fc_lr_scale must be > 0 and batch_size >= 1")
+        if self.lr <= 0 or self.batch_size < 1 or self.fc_lr_scale <= 0 or self.draft_steps < 1:
+            raise ValueError("lr and fc_lr_scale must be > 0, batch_size and draft_steps >= 1")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be constant or cosine, got {self.schedule!r}")
         if self.schedule == "cosine" and self.max_steps >= 10_000_000:
@@ -234,7 +236,8 @@ class TrainState:
     seconds: float = 0.0               # training wall time, summed across resumes
     epoch: int = 0
     batch_in_epoch: int = 0
-    best_alpha: float = -1.0
+    best_score: float = -1.0           # best held-out value of best_key so far (best.pt holds that checkpoint)
+    best_key: str = "alpha"            # alpha, or accept_est for feature drafts trained with draft_steps > 1
 
 
 def vocab_lookup(draft, vocab_size: int) -> torch.Tensor | None:
@@ -362,7 +365,10 @@ def resume(cfg: TrainConfig, draft, big, optimizer) -> TrainState:
     blob = torch.load(path)
     load_weights(draft, big, blob["weights"])
     optimizer.load_state_dict(blob["optimizer"])
-    return TrainState(**blob["state"])
+    saved = blob["state"]
+    if "best_alpha" in saved:  # checkpoints before best_key existed
+        saved["best_score"] = saved.pop("best_alpha")
+    return TrainState(**saved)
 
 
 def param_groups(draft: torch.nn.Module, params: list, cfg: TrainConfig) -> list[dict]:
@@ -411,6 +417,8 @@ def train(draft, big, cfg: TrainConfig, examples: list[dict] | None = None, held
     torch.set_num_threads(cfg.threads)
     for p in big.parameters():
         p.requires_grad_(False)
+    if cfg.draft_steps > 1 and not hasattr(draft, "unroll"):
+        raise ValueError("draft_steps applies to feature drafts only: other drafts never read their own features")
     params = trainable_parameters(draft, big)
     for p in params:
         p.requires_grad_(True)
@@ -455,7 +463,7 @@ def train(draft, big, cfg: TrainConfig, examples: list[dict] | None = None, held
         dt = time.time() - t0
         state.seconds += dt
         bar.update(int(min(state.seconds, budget)) - bar.n)
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{n_tokens / dt:.0f}", alpha=f"{state.best_alpha:.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{n_tokens / dt:.0f}", best=f"{state.best_score:.3f}")
         if state.step % 10 == 0:
             log.write(event="step", step=state.step, tokens=state.tokens, minutes=round(state.seconds / 60, 2),
                       loss=round(loss.item(), 4), **{k: round(v, 4) for k, v in parts.items()},
@@ -477,7 +485,8 @@ def train(draft, big, cfg: TrainConfig, examples: list[dict] | None = None, held
 def _aligned_step(draft, batch: dict, lookup, cfg: TrainConfig) -> tuple[torch.Tensor, dict, int]:
     from . import feature_draft
     if isinstance(draft, feature_draft.FeatureDraft):
-        return feature_draft.aligned_loss(draft, batch, lookup, cfg.w_kd, cfg.w_ce, cfg.w_reg)
+        return feature_draft.aligned_loss(draft, batch, lookup, cfg.w_kd, cfg.w_ce, cfg.w_reg,
+                                          steps=cfg.draft_steps)
     logits = student_logits(draft, batch["ids"], batch["positions"])
     loss, parts = topk_kd_loss(logits, batch["topv"], batch["topi"], batch["topi"][:, 0], lookup, cfg.w_kd, cfg.w_ce)
     return loss, parts, len(batch["positions"])
@@ -487,8 +496,11 @@ def _evaluate(draft, heldout, pad_id, state: TrainState, log: _Log, cfg: TrainCo
     draft.eval()
     result = agreement(draft, heldout, pad_id)
     log.write(event="eval", step=state.step, tokens=state.tokens, minutes=round(state.seconds / 60, 2), **result)
-    if result["alpha"] > state.best_alpha:
-        state.best_alpha = result["alpha"]
+    key = "accept_est" if cfg.draft_steps > 1 else "alpha"
+    if key != state.best_key:  # a resumed run selecting on another measure starts its best afresh
+        state.best_key, state.best_score = key, -1.0
+    if result[key] > state.best_score:
+        state.best_score = result[key]
         save_checkpoint(cfg, draft, big, optimizer, state, best=True)
 
 

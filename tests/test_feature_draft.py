@@ -10,6 +10,7 @@ from bild import BigLittle, BildError
 from bild import native
 from bild.draft import DraftRecipe, build_draft, load_draft, save_draft, trainable_parameters
 from bild.feature_draft import FeatureDraft, FeatureRunner, shifted
+from bild.feature_draft import to_native as feature_to_native
 from bild.train import TeacherConfig, TrainConfig, agreement, param_groups, teacher_generator, train
 from conftest import tiny_llama
 from test_lossless import (SAMPLING, assert_matches, empirical, exact_two_token_distribution, random_prompts)
@@ -26,26 +27,51 @@ def teacher_examples(big, tok, tmp, n: int, seed: int, features: bool = True) ->
     return generate(random_prompts(n, seed=seed))
 
 
-@pytest.fixture(scope="module")
-def trained(big, tok, tmp_path_factory):
+def train_tiny(big, tok, tmp, draft_steps: int = 1):
     """A feature draft trained for a few seconds on the tiny big model's own greedy outputs and features."""
-    tmp = tmp_path_factory.mktemp("feature-draft")
     examples, heldout = teacher_examples(big, tok, tmp, 96, seed=11), teacher_examples(big, tok, tmp, 16, seed=12)
     (tmp / "heldout").mkdir()
     torch.save(heldout, tmp / "heldout" / "shard_0000.pt")
     recipe = DraftRecipe(kind="feature", n_layers=1)
+    torch.manual_seed(0)
     draft = build_draft(big, recipe)
     save_draft(draft, big, recipe, str(tmp / "run" / "draft_init"))  # the layout `bild draft export` reads
     before = agreement(draft, heldout, pad_id=0)["alpha"]
     train(draft, big, TrainConfig(out_dir=str(tmp / "run"), lr=3e-3, max_steps=600, batch_size=8, warmup_steps=5,
-                                  autocast=False, threads=1, max_minutes=5, eval_every_minutes=100), examples=examples,
-          heldout=heldout, pad_id=0)
-    return draft, before, agreement(draft, heldout, pad_id=0)["alpha"], tmp
+                                  autocast=False, threads=1, max_minutes=5, eval_every_minutes=100,
+                                  draft_steps=draft_steps), examples=examples, heldout=heldout, pad_id=0)
+    return draft, before, agreement(draft, heldout, pad_id=0), tmp
+
+
+@pytest.fixture(scope="module")
+def trained(big, tok, tmp_path_factory):
+    draft, before, after, tmp = train_tiny(big, tok, tmp_path_factory.mktemp("feature-draft"))
+    return draft, before, after["alpha"], tmp
 
 
 def test_training_raises_held_out_agreement(trained):
     _, before, after, _ = trained
     assert after > before + 0.2 and after > 0.5
+
+
+def test_unrolled_training_raises_the_later_draft_tokens_agreement(big, tok, trained, tmp_path):
+    """draft_steps = 3 trains the 2nd and 3rd draft tokens on the draft's own features (FeatureDraft.unroll):
+    their held-out agreement rises above the plain run's, and the best checkpoint is chosen by accept_est."""
+    plain = agreement(trained[0], torch.load(trained[3] / "heldout" / "shard_0000.pt"), pad_id=0)
+    _, _, unrolled, tmp = train_tiny(big, tok, tmp_path, draft_steps=3)
+    assert unrolled["alpha_by_step"][2] > plain["alpha_by_step"][2] + 0.05
+    assert unrolled["accept_est"] > plain["accept_est"]
+    state = torch.load(tmp / "run" / "best.pt", weights_only=False)["state"]
+    assert state["best_key"] == "accept_est" and state["best_score"] == pytest.approx(unrolled["accept_est"])
+
+
+def test_draft_steps_are_refused_for_drafts_without_features(big, tok, tmp_path):
+    with pytest.raises(ValueError, match="draft_steps"):
+        TrainConfig(out_dir=str(tmp_path), draft_steps=0)
+    shallow = build_draft(big, DraftRecipe(n_layers=1))
+    with pytest.raises(ValueError, match="feature drafts only"):
+        train(shallow, big, TrainConfig(out_dir=str(tmp_path), draft_steps=2, max_steps=1, autocast=False, threads=1),
+              examples=teacher_examples(big, tok, tmp_path, 2, seed=3, features=False), pad_id=0)
 
 
 def test_export_measures_the_best_checkpoint_on_the_native_engine(big, trained, tok):
@@ -134,6 +160,37 @@ def test_entries_built_from_own_features_are_reread_after_verification(big, trai
     fresh_big.forward(prompt + drafts)
     fresh.start(prompt)
     torch.testing.assert_close(after, fresh.forward(prompt + drafts + [43]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_unroll_pass_n_is_the_runners_nth_draft_token(big, layers):
+    """Training's unroll (FeatureDraft.unroll) computes, at every position t and pass n, what the runner computes
+    for the n-th draft token of a round that starts at t - n + 1: big-model features up to there, own f̂ after."""
+    torch.manual_seed(3)
+    draft = build_draft(big, DraftRecipe(kind="feature", n_layers=layers))
+    with torch.no_grad():
+        for p in draft.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)  # off the pass-through start, so own f̂ differs from f
+    ids = [1, 7, 9, 30, 4, 55, 6, 12]
+    big_runner = native.NativeRunner.from_hf(big, dtype=torch.float32)
+    big_runner.record_features()
+    big_runner.start(ids)
+    big_runner.forward(ids)
+    feats = big_runner.features[:len(ids)].unsqueeze(0)  # (1, T, dim)
+    with torch.no_grad():
+        passes = draft.unroll(torch.tensor([ids]), shifted(feats), 3)  # 3 x (1, T, dim)
+    steps = [draft.logits(f)[0] for f in passes]  # 3 x (T, V)
+    for start in range(1, len(ids) - 2):
+        runner = FeatureRunner(feature_to_native(draft, big_runner.model), big_runner)
+        big_runner.length = start  # the big model has run over positions < start
+        runner.start(ids)
+        got = [runner.forward(ids[:start + 1])[0]]  # the round's first draft token reads the big model's f_{start-1}
+        for n in (1, 2):
+            got.append(runner.forward([ids[start + n]])[0])  # then the draft's own f̂
+        for n, logits in enumerate(got):
+            torch.testing.assert_close(logits, steps[n][start + n], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(steps[0], steps[1], atol=1e-3)  # the passes do differ
 
 
 def test_save_and_load_round_trip(big, trained, tmp_path):
