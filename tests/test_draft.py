@@ -182,6 +182,8 @@ def test_predicted_speedup_is_leviathans_formula():
     assert predicted_speedup(0.0, 3, 0.1, 1.2) == pytest.approx(1 / 1.5)
     assert predicted_speedup(0.5, 3, 0.1, 1.2) == pytest.approx((1 - 0.5 ** 4) / 0.5 / 1.5)
     assert predicted_speedup(1.0, 3, 0.0, 1.0) == pytest.approx(4.0)
+    assert predicted_speedup([0.5, 0.5, 0.5], 3, 0.1, 1.2) == pytest.approx(predicted_speedup(0.5, 3, 0.1, 1.2))
+    assert predicted_speedup([0.6, 0.4], 3, 0.1, 1.2) == pytest.approx((1 + 0.6 + 0.24 + 0.096) / 1.5)  # last repeats
 
 
 def test_design_sweep_measures_every_design(llama_dir, tmp_path):

@@ -14,6 +14,7 @@ and the measured speedups of `speculative:gamma=γ` and `bild` over `ar`, run in
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -43,8 +44,13 @@ def step_ms(runner, prompt_ids: list[int], width: int = 1, steps: int = 24) -> f
     return statistics.median(times) * 1000
 
 
-def predicted_speedup(alpha: float, gamma: int, c: float, verify_ratio: float) -> float:
-    expected = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+def predicted_speedup(alpha: float | list[float], gamma: int, c: float, verify_ratio: float) -> float:
+    """Tokens per big call over the cost of a round, in big one-token steps. alpha: one agreement for every draft
+    step (Leviathan: E = (1 − α^(γ+1)) / (1 − α)), or a feature draft's alpha_by_step (the last repeats beyond it):
+    E = 1 + Σ_n Π_{j<=n} α_j, which is Leviathan's E when all are equal."""
+    alphas = [alpha] if isinstance(alpha, float | int) else list(alpha)
+    alphas = (alphas + alphas[-1:] * gamma)[:gamma]
+    expected = 1 + sum(math.prod(alphas[:n + 1]) for n in range(gamma))
     return expected / (gamma * c + verify_ratio)
 
 
@@ -92,14 +98,15 @@ def sweep(big: str, designs: list[Design], heldout: list[dict], prompts: list, g
     pairs, rows = {}, {}
     for d in designs:
         with torch.inference_mode():
-            alpha = agreement(models.load_little(d.little, reference), heldout, tokenizer.eos_token_id)["alpha"]
+            agreed = agreement(models.load_little(d.little, reference), heldout, tokenizer.eos_token_id)
         little = models.load_little(d.little, big_model, dtype=big_model.dtype)
         bl = pairs[d.name] = BigLittle(big_model, little, tokenizer, models.describe_little(d.little))
         rows[d.name] = {"design": d.name, "little": d.little, "dtype": str(big_model.dtype).replace("torch.", ""),
                         **parameter_counts(little, big_model),
-                        **costs(bl, bl.encode(prompts[0]), gamma), "alpha": alpha, "gamma": gamma}
-        rows[d.name]["predicted_speedup"] = predicted_speedup(alpha, gamma, rows[d.name]["c"],
-                                                              rows[d.name]["verify_ratio"])
+                        **costs(bl, bl.encode(prompts[0]), gamma), "gamma": gamma,
+                        "alpha": agreed["alpha"], "alpha_by_step": agreed.get("alpha_by_step")}
+        rows[d.name]["predicted_speedup"] = predicted_speedup(agreed.get("alpha_by_step", agreed["alpha"]), gamma,
+                                                              rows[d.name]["c"], rows[d.name]["verify_ratio"])
     for name, measured in measure(pairs, prompts, gamma, max_new_tokens).items():
         rows[name].update(measured)
     return list(rows.values())
