@@ -7,7 +7,7 @@ import math
 import torch
 
 from bild.config import GenerationConfig
-from bild.policies import bild_rollback, next_gamma, probs, target
+from bild.policies import argmax, bild_rollback, next_gamma, probs, sample, target
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])  # (1, V)
 
@@ -51,3 +51,15 @@ def test_bild_rollback_finds_the_first_implausible_disagreement():
 def test_adaptive_gamma():
     assert next_gamma(5, 5, 5) == 7 and next_gamma(5, 2, 5) == 4 and next_gamma(1, 0, 1) == 1
     assert next_gamma(32, 32, 32) == 32
+
+
+def test_argmax_is_torchs_first_maximum():
+    g = torch.Generator().manual_seed(0)
+    for shape in [(7,), (3, 49152), (2, 1, 5)]:
+        for _ in range(20):
+            x = torch.randint(0, 4, shape, generator=g).float()  # many ties
+            x[..., -1] = float("-inf")
+            assert torch.equal(argmax(x), x.argmax(-1, keepdim=True))
+    x = torch.tensor([[0.5, 2.0, 2.0, -1.0]], dtype=torch.bfloat16)
+    assert argmax(x).tolist() == [[1]] and sample(x[0], None) == 1
+    assert target(x.float(), GenerationConfig()).tolist() == [[0.0, 1.0, 0.0, 0.0]]
