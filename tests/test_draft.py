@@ -186,6 +186,16 @@ def test_predicted_speedup_is_leviathans_formula():
     assert predicted_speedup([0.6, 0.4], 3, 0.1, 1.2) == pytest.approx((1 + 0.6 + 0.24 + 0.096) / 1.5)  # last repeats
 
 
+def test_alpha_needed_inverts_the_prediction():
+    from bild.bench.designs import alpha_needed, predicted_speedup
+    a = alpha_needed(1.3, 3, 0.1, 1.2)
+    assert 0 < a < 1 and predicted_speedup(a, 3, 0.1, 1.2) == pytest.approx(1.3, abs=1e-9)
+    assert alpha_needed(0.5, 3, 0.1, 1.2) == pytest.approx(0.0, abs=1e-9)  # reached with no draft kept at all
+    ceiling = predicted_speedup(1.0, 3, 0.1, 1.2)  # 4 / 1.5: every draft kept
+    assert alpha_needed(ceiling, 3, 0.1, 1.2) == pytest.approx(1.0, abs=1e-6)
+    assert alpha_needed(ceiling + 0.01, 3, 0.1, 1.2) is None  # above it no little model helps
+
+
 def test_design_sweep_measures_every_design(llama_dir, tmp_path):
     """Trained-draft directory and early exit, side by side: one full row each, markdown and JSON written."""
     from bild import models

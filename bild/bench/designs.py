@@ -54,6 +54,18 @@ def predicted_speedup(alpha: float | list[float], gamma: int, c: float, verify_r
     return expected / (gamma * c + verify_ratio)
 
 
+def alpha_needed(target: float, gamma: int, c: float, verify_ratio: float) -> float | None:
+    """The smallest α (one for every draft step) at which predicted_speedup reaches `target`, or None when even
+    α = 1, every draft accepted, falls short: then no little model reaches it at this γ, c and verification cost."""
+    if predicted_speedup(1.0, gamma, c, verify_ratio) < target:
+        return None
+    lo, hi = 0.0, 1.0  # predicted_speedup rises with α
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if predicted_speedup(mid, gamma, c, verify_ratio) < target else (lo, mid)
+    return hi
+
+
 def costs(bl, prompt_ids: list[int], gamma: int) -> dict:
     big_ms = step_ms(bl.big_runner, prompt_ids)
     little_ms = step_ms(bl.little_runner, prompt_ids)
