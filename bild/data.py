@@ -19,6 +19,7 @@ from typing import Iterator
 
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
 HELDOUT_PERCENT = 5.0
+LATER_MIN_CHARS = 32        # later human turns shorter than this ("continue") are not standalone prompts
 
 Messages = list[dict]   # [{"role": "user", "content": ...}]
 
@@ -90,21 +91,38 @@ def first_human_turn(record: dict) -> str | None:
     return value.strip() if isinstance(value, str) and value.strip() else None
 
 
+def later_human_turns(record: dict, min_chars: int = LATER_MIN_CHARS) -> list[str]:
+    """The human turns after the first, each of at least min_chars (shorter ones, "continue", "more", lean on the
+    conversation they came from)."""
+    values = [t.get("value") for t in record["conversations"][1:] if isinstance(t, dict) and t.get("from") == "human"]
+    return [v.strip() for v in values if isinstance(v, str) and len(v.strip()) >= min_chars]
+
+
 @lru_cache(maxsize=4)
-def _split_prompts(path: str | None, max_chars: int) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+def _split_prompts(path: str | None, max_chars: int) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], str]:
+    """(calibration first turns, held-out first turns, calibration later turns, read report)."""
     report = ReadReport()
-    calibration, heldout = [], []
+    calibration, heldout, later = [], [], []
     for record in iter_sharegpt(path, report):
-        prompt = first_human_turn(record)
-        if prompt is None or len(prompt) > max_chars:
+        if is_heldout(record["id"]):
+            prompt = first_human_turn(record)
+            heldout += [prompt] if prompt is not None and len(prompt) <= max_chars else []
             continue
-        (heldout if is_heldout(record["id"]) else calibration).append(prompt)
-    return tuple(calibration), tuple(heldout), report.summary()
+        prompt = first_human_turn(record)
+        calibration += [prompt] if prompt is not None and len(prompt) <= max_chars else []
+        later += [p for p in later_human_turns(record) if len(p) <= max_chars]
+    return tuple(calibration), tuple(heldout), tuple(later), report.summary()
 
 
-def calibration_prompts(n: int | None = None, max_chars: int = 2000, path: str | None = None) -> list[Messages]:
-    """First human turns of calibration records (file order), as chat messages."""
-    return [_chat(p) for p in _split_prompts(path, max_chars)[0][:n]]
+def calibration_prompts(n: int | None = None, max_chars: int = 2000, path: str | None = None,
+                        turns: str = "first") -> list[Messages]:
+    """Human turns of calibration records (file order), each as a one-message chat: the first turn of every record,
+    or (turns="later") every later turn of at least LATER_MIN_CHARS characters, on its own: more prompts of the
+    same kind for alignment. Held-out records give neither."""
+    if turns not in ("first", "later"):
+        raise ValueError(f"turns must be first or later, got {turns!r}")
+    first, _, later, _ = _split_prompts(path, max_chars)
+    return [_chat(p) for p in (first if turns == "first" else later)[:n]]
 
 
 def heldout_prompts(n: int | None = None, max_chars: int = 2000, path: str | None = None) -> list[Messages]:
@@ -113,7 +131,7 @@ def heldout_prompts(n: int | None = None, max_chars: int = 2000, path: str | Non
 
 
 def sharegpt_report(max_chars: int = 2000, path: str | None = None) -> str:
-    return _split_prompts(path, max_chars)[2]
+    return _split_prompts(path, max_chars)[3]
 
 
 def sharegpt_texts(heldout: bool = False, path: str | None = None) -> Iterator[list[Messages]]:

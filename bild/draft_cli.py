@@ -107,6 +107,9 @@ def _teacher_args(p, split: str) -> None:
                    help="aligned: the big model's greedy continuations of prompts; text: one prefill over "
                         "calibration ShareGPT text (--text-tokens of it), no generation")
     p.add_argument("--text-tokens", type=int, default=1_000_000)
+    p.add_argument("--turns", choices=("first", "later"), default="first",
+                   help="aligned calibration prompts: first human turns, or the later turns (each of at least "
+                        "32 characters) on their own, as more prompts of the same kind")
     p.add_argument("--engine", choices=("auto", "native", "hf"), default="auto",
                    help="auto: the batched native engine in its fastest precision where supported (LLaMA family), "
                         "else the HF model")
@@ -117,7 +120,8 @@ def _train_args(p, run_dir: bool = True) -> None:
     p.add_argument("--data", choices=("aligned", "text", "mix"), default="aligned",
                    help="aligned: cached big greedy outputs; text: ShareGPT with the big model online; mix: both")
     p.add_argument("--aligned-every", type=int, default=2, help="mix: every n-th step is aligned")
-    p.add_argument("--teacher-dir", default="runs/teacher_cal")
+    p.add_argument("--teacher-dir", default="runs/teacher_cal",
+                   help="calibration teacher cache; several, comma-separated, are read in that order")
     p.add_argument("--grow", action="store_true",
                    help="re-read the teacher cache at each epoch (it may still be generated in the background)")
     p.add_argument("--teacher-shards", type=int, default=None, help="use only the first n calibration shards")
@@ -219,7 +223,7 @@ def cmd_teacher(args) -> None:
                                                       batch_size=args.batch_size, top_k=args.top_k,
                                                       max_shards=args.max_shards, engine=args.engine,
                                                       features=args.features, source=args.source,
-                                                      text_tokens=args.text_tokens))
+                                                      text_tokens=args.text_tokens, turns=args.turns))
 
 
 def _train_config(args, out_dir: str):

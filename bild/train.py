@@ -46,6 +46,7 @@ class TeacherConfig:
     features: bool = False            # native only: also keep the big model's final normed hidden states
     source: str = "aligned"           # aligned: greedy continuations of prompts | text: calibration ShareGPT text
     text_tokens: int = 1_000_000      # text: how many tokens, cut into max_prompt_tokens-long chunks
+    turns: str = "first"              # aligned calibration prompts: first human turns, or later ones (data.py)
 
     def __post_init__(self):
         if self.split not in ("calibration", "heldout"):
@@ -56,6 +57,9 @@ class TeacherConfig:
             raise ValueError("features and text caches come from the native engine; use engine auto or native")
         if self.source not in ("aligned", "text"):
             raise ValueError(f"source must be aligned or text, got {self.source!r}")
+        if self.turns not in ("first", "later") or (self.split == "heldout" and self.turns != "first"):
+            raise ValueError(f"turns must be first or later (held-out: first, as the benchmarks use), "
+                             f"got {self.turns!r} for {self.split}")
 
 
 def encode_prompts(tokenizer, prompts, max_tokens: int) -> list[list[int]]:
@@ -161,8 +165,9 @@ def teacher_inputs(tokenizer, cfg: TeacherConfig) -> list[list[int]]:
         stream = text_token_stream(tokenizer, cfg.text_tokens)[:cfg.text_tokens]
         width = cfg.max_prompt_tokens
         return [stream[i:i + width] for i in range(0, len(stream) - width + 1, width)]
-    source = data.calibration_prompts if cfg.split == "calibration" else data.heldout_prompts
-    return encode_prompts(tokenizer, source(cfg.n_prompts), cfg.max_prompt_tokens)
+    prompts = (data.heldout_prompts(cfg.n_prompts) if cfg.split == "heldout"
+               else data.calibration_prompts(cfg.n_prompts, turns=cfg.turns))
+    return encode_prompts(tokenizer, prompts, cfg.max_prompt_tokens)
 
 
 def build_teacher_cache(big, tokenizer, cfg: TeacherConfig) -> str:
@@ -186,7 +191,9 @@ def build_teacher_cache(big, tokenizer, cfg: TeacherConfig) -> str:
 
 
 def load_teacher_cache(directory: str, max_shards: int | None = None) -> list[dict]:
-    paths = sorted(glob.glob(os.path.join(directory, "shard_*.pt")))[:max_shards]
+    """Every example of a teacher cache; `directory` may name several, comma-separated, read in that order.
+    max_shards counts shards over all of them."""
+    paths = [p for d in directory.split(",") for p in sorted(glob.glob(os.path.join(d, "shard_*.pt")))][:max_shards]
     return [ex for p in paths for ex in torch.load(p)]
 
 

@@ -115,6 +115,38 @@ def test_split_deterministic_and_disjoint():
     assert 0.02 < len(held) / 2000 < 0.09
 
 
+def test_later_turns_are_calibration_prompts_only(tmp_path):
+    long = "please explain the second point in much more detail"
+    held = next(f"h{i}" for i in range(10_000) if data.is_heldout(f"h{i}_0"))
+    turns = [{"from": "human", "value": "first question"}, {"from": "gpt", "value": "an answer"},
+             {"from": "human", "value": "continue"}, {"from": "gpt", "value": "more"},
+             {"from": "human", "value": long}]
+    records = [{"id": f"c{i}_0", "conversations": turns} for i in range(3) if not data.is_heldout(f"c{i}_0")]
+    records.append({"id": f"{held}_0", "conversations": turns})
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(records))
+    later = data.calibration_prompts(path=str(path), turns="later")
+    assert later == [[{"role": "user", "content": long}]] * (len(records) - 1)  # "continue" is too short
+    assert data.calibration_prompts(path=str(path))[0] == [{"role": "user", "content": "first question"}]
+    assert len(data.heldout_prompts(path=str(path))) == 1
+    with pytest.raises(ValueError, match="turns"):
+        data.calibration_prompts(path=str(path), turns="all")
+
+
+def test_teacher_caches_read_together_and_turns_checked(tmp_path):
+    for d, n in (("a", 2), ("b", 1)):
+        (tmp_path / d).mkdir()
+        for s in range(n):
+            torch.save([{"shard": f"{d}{s}"}], tmp_path / d / f"shard_{s:04d}.pt")
+    both = f"{tmp_path / 'a'},{tmp_path / 'b'}"
+    assert [e["shard"] for e in T.load_teacher_cache(both)] == ["a0", "a1", "b0"]
+    assert [e["shard"] for e in T.load_teacher_cache(both, max_shards=2)] == ["a0", "a1"]
+    with pytest.raises(ValueError, match="turns"):
+        T.TeacherConfig("unused", split="heldout", turns="later")
+    with pytest.raises(ValueError, match="turns"):
+        T.TeacherConfig("unused", turns="every")
+
+
 def _train_cfg(tmp_path, **kw):
     base = dict(out_dir=str(tmp_path), lr=3e-3, warmup_steps=1, batch_size=4, max_minutes=5,
                 eval_every_minutes=100, ckpt_every_minutes=100, threads=1, autocast=False)
