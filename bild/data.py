@@ -104,13 +104,13 @@ def _split_prompts(path: str | None, max_chars: int) -> tuple[tuple[str, ...], t
     report = ReadReport()
     calibration, heldout, later = [], [], []
     for record in iter_sharegpt(path, report):
-        if is_heldout(record["id"]):
-            prompt = first_human_turn(record)
-            heldout += [prompt] if prompt is not None and len(prompt) <= max_chars else []
-            continue
         prompt = first_human_turn(record)
-        calibration += [prompt] if prompt is not None and len(prompt) <= max_chars else []
-        later += [p for p in later_human_turns(record) if len(p) <= max_chars]
+        first = [prompt] if prompt is not None and len(prompt) <= max_chars else []
+        if is_heldout(record["id"]):
+            heldout += first
+        else:
+            calibration += first
+            later += [p for p in later_human_turns(record) if len(p) <= max_chars]
     return tuple(calibration), tuple(heldout), tuple(later), report.summary()
 
 

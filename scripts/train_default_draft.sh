@@ -14,6 +14,10 @@
 #   6. continue from stage 1's best checkpoint: same losses, lr 5e-4 with 20 warm-up steps and a cosine decay to
 #      5e-5 over 2,400 steps;
 #   7. export the best held-out checkpoint with its metrics.
+# Stage 3 (see the draft's README for what it gained):
+#   8. a teacher cache of new prompts: the later human turns of calibration conversations, each on its own
+#      (--turns later; 48 shards, 12,288 prompts), beside the first 8 shards of stage 2's first-turn cache;
+#   9. continue from stage 2's draft on both: lr 3e-4, cosine, 2 threads; export the best checkpoint.
 #
 # The shipped runs differ in one respect: their calibration caches were still being generated while they trained
 # (`--grow` re-reads the cache at every epoch), so early epochs saw fewer shards. Here all shards exist first.
