@@ -16,8 +16,8 @@
 #   7. export the best held-out checkpoint with its metrics.
 # Stage 3 (see the draft's README for what it gained):
 #   8. a teacher cache of new prompts: the later human turns of calibration conversations, each on its own
-#      (--turns later; 48 shards, 12,288 prompts), beside the first 8 shards of stage 2's first-turn cache;
-#   9. continue from stage 2's draft on both: lr 3e-4, cosine, 2 threads; export the best checkpoint.
+#      (--turns later; 40 shards, 10,240 prompts), beside the first 8 shards of stage 2's first-turn cache;
+#   9. continue from stage 2's draft on both: lr 3e-4, cosine; export the best held-out checkpoint.
 #
 # The shipped runs differ in one respect: their calibration caches were still being generated while they trained
 # (`--grow` re-reads the cache at every epoch), so early epochs saw fewer shards. Here all shards exist first.
@@ -26,6 +26,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RUN1=${RUN1:-runs/default_draft}
 RUN2=${RUN2:-runs/default_draft2}
+RUN3=${RUN3:-runs/default_draft3}
 OUT=${OUT:-bild/drafts/smollm2-135m}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 CLI="$PY -m bild.draft_cli"
@@ -45,4 +46,11 @@ $CLI draft teacher runs/teacher_cal_bf16 --split calibration --n-prompts 9150 --
 $CLI draft train "$RUN2" --threads 1 --data aligned --teacher-dir runs/teacher_cal_bf16 \
     --heldout-dir runs/teacher_heldout_bf16 --lr 5e-4 --schedule cosine --max-steps 2400 --minutes 100000 \
     --batch-size 8 --warmup 20 --seed 0 --eval-every 4 --ckpt-every 4
-$CLI draft export "$RUN2" "$OUT" --heldout-dir runs/teacher_heldout_bf16
+[ -f "$RUN3/draft_init/bild_draft.json" ] || $CLI draft export "$RUN2" "$RUN3/draft_init" --heldout-dir runs/teacher_heldout_bf16
+
+# stage 3
+$CLI draft teacher runs/teacher_later_bf16 --turns later --n-prompts 20000 --batch-size 32 --max-shards 40
+$CLI draft train "$RUN3" --threads 2 --data aligned --teacher-dir runs/teacher_later_bf16,runs/teacher_cal_bf16 \
+    --teacher-shards 48 --heldout-dir runs/teacher_heldout_bf16 --lr 3e-4 --schedule cosine --max-steps MAXSTEPS \
+    --minutes 100000 --batch-size 8 --warmup 20 --seed 0 --eval-every 3 --ckpt-every 2
+$CLI draft export "$RUN3" "$OUT" --heldout-dir runs/teacher_heldout_bf16
