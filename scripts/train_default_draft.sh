@@ -16,7 +16,7 @@
 #   7. export the best held-out checkpoint with its metrics.
 # Stage 3 (see the draft's README for what it gained):
 #   8. a teacher cache of new prompts: the later human turns of calibration conversations, each on its own
-#      (--turns later; 40 shards, 10,240 prompts), beside the first 8 shards of stage 2's first-turn cache;
+#      (--turns later; 40 shards, 10,240 prompts), beside the first 4 shards of stage 2's first-turn cache;
 #   9. continue from stage 2's draft on both: lr 3e-4, cosine; export the best held-out checkpoint.
 #
 # The shipped runs differ in one respect: their calibration caches were still being generated while they trained
@@ -51,6 +51,6 @@ $CLI draft train "$RUN2" --threads 1 --data aligned --teacher-dir runs/teacher_c
 # stage 3
 $CLI draft teacher runs/teacher_later_bf16 --turns later --n-prompts 20000 --batch-size 32 --max-shards 40
 $CLI draft train "$RUN3" --threads 2 --data aligned --teacher-dir runs/teacher_later_bf16,runs/teacher_cal_bf16 \
-    --teacher-shards 48 --heldout-dir runs/teacher_heldout_bf16 --lr 3e-4 --schedule cosine --max-steps MAXSTEPS \
+    --teacher-shards 44 --heldout-dir runs/teacher_heldout_bf16 --lr 3e-4 --schedule cosine --max-steps 6000 \
     --minutes 100000 --batch-size 8 --warmup 20 --seed 0 --eval-every 3 --ckpt-every 2
 $CLI draft export "$RUN3" "$OUT" --heldout-dir runs/teacher_heldout_bf16
