@@ -24,7 +24,7 @@ import time
 import torch
 
 from bild import kernels, models
-from bild.bench.designs import alpha_needed, predicted_speedup
+from bild.bench.designs import alpha_needed, predicted_speedup, stepper
 from bild.cache import HFRunner
 from bild.native import NativeRunner, bf16_supported, fastest_dtype, streamed_bytes
 
@@ -38,18 +38,6 @@ def load_model():
 
     where = importlib.util.find_spec(PACKAGE).submodule_search_locations[0]  # do not import: needs `llm`
     return AutoModelForCausalLM.from_pretrained(where, gguf_file=GGUF, dtype=torch.float32).eval()
-
-
-def stepper(runner, context: list[int], k: int):
-    """A closure: feed k tokens after the prefix, then crop back to it."""
-    runner.start(context)
-    runner.forward(context)
-    draft = list(range(1000, 1000 + k))
-
-    def step():
-        runner.forward(draft, keep=k)
-        runner.crop(len(context))
-    return step
 
 
 def with_threads(step, n: int):

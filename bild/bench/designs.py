@@ -31,17 +31,27 @@ class Design:
     little: str  # a spec models.load_little understands: a draft directory or early-exit:K
 
 
-def step_ms(runner, prompt_ids: list[int], width: int = 1, steps: int = 24) -> float:
-    """Median ms of a cached forward of `width` tokens after the prompt; the cache is cropped back each time."""
+def stepper(runner, prompt_ids: list[int], width: int = 1):
+    """A closure: one cached forward of `width` tokens after the prompt, with the logits of all of them as a
+    verification needs, returning its seconds; the cache is cropped back to the prompt each time, so every call
+    sees the same length."""
     runner.start(prompt_ids)
     runner.forward(prompt_ids)
-    base, token, times = len(prompt_ids), prompt_ids[-1], []
-    for _ in range(steps):
+    base, token = len(prompt_ids), prompt_ids[-1]
+
+    def step() -> float:
         t0 = time.perf_counter()
-        runner.forward([token] * width)
-        times.append(time.perf_counter() - t0)
+        runner.forward([token] * width, keep=width)
+        seconds = time.perf_counter() - t0
         runner.crop(base)
-    return statistics.median(times) * 1000
+        return seconds
+    return step
+
+
+def step_ms(runner, prompt_ids: list[int], width: int = 1, steps: int = 24) -> float:
+    """Median ms of a cached forward of `width` tokens after the prompt."""
+    step = stepper(runner, prompt_ids, width)
+    return statistics.median(step() for _ in range(steps)) * 1000
 
 
 def predicted_speedup(alpha: float | list[float], gamma: int, c: float, verify_ratio: float) -> float:
@@ -66,10 +76,14 @@ def alpha_needed(target: float, gamma: int, c: float, verify_ratio: float) -> fl
     return hi
 
 
-def costs(bl, prompt_ids: list[int], gamma: int) -> dict:
-    big_ms = step_ms(bl.big_runner, prompt_ids)
-    little_ms = step_ms(bl.little_runner, prompt_ids)
-    verify_ms = step_ms(bl.big_runner, prompt_ids, width=gamma + 1)
+def costs(bl, prompt_ids: list[int], gamma: int, rounds: int = 24) -> dict:
+    """Median ms of the big model's step, its (γ+1)-token verification and the little model's step, timed in
+    interleaved rounds, so load drift on a shared CPU hits all three alike (timed one after the other, a noisy
+    host once gave a verification 0.89x a step)."""
+    big, verify = stepper(bl.big_runner, prompt_ids), stepper(bl.big_runner, prompt_ids, gamma + 1)
+    little = stepper(bl.little_runner, prompt_ids)
+    times = [(big(), verify(), little()) for _ in range(rounds)]  # big and verify share a cropped cache
+    big_ms, verify_ms, little_ms = (statistics.median(column) * 1000 for column in zip(*times))
     return {"big_ms": big_ms, "little_ms": little_ms, "c": little_ms / big_ms, "verify_ratio": verify_ms / big_ms}
 
 
