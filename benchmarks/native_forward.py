@@ -6,6 +6,8 @@ Configurations: `blocks` (fp32 on the GGUF's own Q4_1/Q8_0 blocks, bild/kernels;
 `blocks int8` (the same blocks with activations rounded to int8 per 32 values, `--activations int8`; lossy),
 the CPU's fastest torch dtype (bf16, or fp16 weights) and packed fp32. Also the shipped draft
 (bild/drafts/smollm2-135m), packed as it runs beside each blocks configuration: its ms per token is c's numerator.
+Last, for each blocks configuration, the speedup over ar these costs allow (bild.bench.designs.predicted_speedup)
+at the draft's α, at α 0.65 and at α = 1 for each γ, and the α that 1.6x and 2.0x would need.
 
 Every configuration runs once per round, rounds interleaved, so a noisy shared CPU slows all of them alike;
 the table reports medians (and minima). A "step" feeds k tokens after a `context`-token prefix, then rolls
