@@ -86,7 +86,7 @@ def ceiling(med: dict[str, float], name: str, c: float, alpha: float) -> None:
     target needs. bild verifies every little token too, so the α = 1 column bounds it as well."""
     alphas = (alpha, 0.65, 1.0)
     head = " | ".join(f"α {a:.2f}" for a in alphas) + " | " + " | ".join(f"α for {t}x" for t in TARGETS)
-    print(f"\nspeedup over ar predicted from these costs beside {name} (c {c:.3f}; α {alpha:.3f} is the shipped "
+    print(f"\nspeedup over ar predicted from these costs beside {name} (c {c:.3f}; α {alpha:.3f}: --alpha, else the shipped "
           f"draft's)\n\n| γ | verify γ+1 tokens | {head} |\n|---|---|" + "---|" * (len(alphas) + len(TARGETS)))
     for k in KS[1:]:
         v = med[f"native {name} k={k}"] / med[f"native {name} k=1"]
@@ -129,7 +129,9 @@ def main():
             steps[f"native {name} k={k}"] = stepper(runner, context, k)
     shipped = models.default_little("smollm2-135m")
     draft = models.load_little(shipped, hf)
-    alpha = args.alpha or json.load(open(os.path.join(shipped, "metrics.json")))["alpha"]
+    if args.alpha is None:
+        with open(os.path.join(shipped, "metrics.json")) as f:
+            args.alpha = json.load(f)["alpha"]
     for name in [n for n in runners if n.startswith("blocks")]:  # the draft as it runs beside that big model
         little = NativeRunner.from_hf(draft, dtype=torch.float32, max_length=length, like=runners[name].model)
         steps[f"shipped draft beside {name} k=1"] = stepper(little, context, 1)
@@ -160,7 +162,7 @@ def main():
     for name in [n for n in runners if n.startswith("blocks")]:
         c = med[f"shipped draft beside {name} k=1"] / med[f"native {name} k=1"]
         print(f"c (shipped draft / big step) beside {name}: {c:.3f}")
-        ceiling(med, name, c, alpha)
+        ceiling(med, name, c, args.alpha)
 
 
 if __name__ == "__main__":
