@@ -14,12 +14,15 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
+from .drafts import spec_of
 from .errors import BildError
 from .models import vocab_size
 
 
 class HFRunner:
     """A Hugging Face decoder-only model with a DynamicCache; rollback crops it in place."""
+
+    needs_big = False  # decodes on its own (policy "little")
 
     def __init__(self, model):
         self.model = model
@@ -87,7 +90,7 @@ def make_runner(model, engine: str = "auto", share_with=None, activations: str =
     shares its weights, and another model is packed like it (its activations included).
     activations: "fp32", or "int8" (native engine on GGUF blocks only; see native.with_int8).
     """
-    from . import feature_draft, native
+    from . import native
 
     if engine not in ENGINES:
         raise BildError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -96,20 +99,19 @@ def make_runner(model, engine: str = "auto", share_with=None, activations: str =
     int8 = activations == "int8"
     if int8 and (engine == "hf" or not native.supports(model)):
         raise BildError("int8 activations need the native engine (a LLaMA-family model on GGUF blocks)")
-    if isinstance(model, feature_draft.FeatureDraft):
-        return feature_draft.FeatureRunner.attach(model, share_with)
+    spec = spec_of(model)
+    if spec.reads_big_features:
+        from .drafts.feature import FeatureRunner
+        return FeatureRunner.attach(model, share_with)
     if engine == "hf" or (engine == "auto" and not native.supports(model)):
         return HFSeq2SeqRunner(model) if model.config.is_encoder_decoder else HFRunner(model)
     if not native.supports(model):
         raise BildError(f"the native engine does not handle {type(model).__name__}; use --engine hf")
-    exit_of = getattr(model, "bild_early_exit_of", None)
-    if exit_of and exit_of[0] == id(getattr(share_with, "source", None)):  # the big runner is native too
-        return share_with.early_exit(exit_of[1])
+    if isinstance(share_with, native.NativeRunner) and spec.exits(share_with.source):
+        return share_with.early_exit(spec.exit_layers)
     like = share_with.model if isinstance(share_with, native.NativeRunner) else None  # packed like the big model
     try:
-        runner = native.NativeRunner.from_hf(model, dtype=model.dtype, like=like, int8=int8)
+        return native.NativeRunner.from_hf(model, dtype=model.dtype, like=like, int8=int8)
     except ValueError as e:
         raise BildError(str(e)) from e
-    runner.source = model
-    return runner
 

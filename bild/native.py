@@ -139,8 +139,9 @@ def config_supported(cfg) -> bool:
 
 
 def _is_reduced_head(head) -> bool:
-    """bild.draft.ReducedHead: logits over `kept` ids only, -inf elsewhere."""
-    return hasattr(head, "kept") and hasattr(head, "sub_weight")
+    """bild.drafts.heads.ReducedHead: logits over `kept` ids only, -inf elsewhere."""
+    from .drafts.heads import ReducedHead
+    return isinstance(head, ReducedHead)
 
 
 def bf16_supported() -> bool:
@@ -523,7 +524,7 @@ def forward(model: NativeModel, cache: KVCache, ids: Tensor, start: int, keep: i
             features: Tensor | None = None) -> Tensor:
     """ids (T,) at positions start..start+T-1 -> float32 logits (keep, V) of the last `keep` positions.
     features: an optional (S, dim) buffer that receives the final normed hidden state of every fed position
-    (rows start..start+T-1), the input of a feature-conditioned little model (bild/feature_draft.py)."""
+    (rows start..start+T-1), the input of a feature-conditioned little model (bild/drafts/feature.py)."""
     x = blocks(model, cache, F.embedding(ids, model.embed), start)  # (T, dim)
     T = ids.shape[0]
     if features is None:
@@ -584,9 +585,12 @@ def project(model: NativeModel, f: Tensor) -> Tensor:
 class NativeRunner:
     """The decoding loop's runner interface over a NativeModel and its own static KV cache."""
 
-    def __init__(self, model: NativeModel, max_length: int | None = None):
+    needs_big = False  # decodes on its own (policy "little")
+
+    def __init__(self, model: NativeModel, max_length: int | None = None, source=None):
         limit = model.config.max_length
         self.model = model
+        self.source = source  # the HF module it was converted from, if any (early exits of it share this runner)
         self.vocab_size = model.config.vocab_size
         self.max_length = min(max_length or limit, limit)
         self.cache = allocate_cache(model.config, self.max_length, model.dtype)
@@ -603,7 +607,7 @@ class NativeRunner:
     def from_hf(cls, hf_model, dtype: torch.dtype | None = torch.bfloat16, max_length: int | None = None,
                 pack: bool | None = None, gguf_blocks: bool | None = None, like: NativeModel | None = None,
                 int8: bool = False):
-        return cls(from_hf(hf_model, dtype, pack, gguf_blocks, like, int8), max_length)
+        return cls(from_hf(hf_model, dtype, pack, gguf_blocks, like, int8), max_length, source=hf_model)
 
     def early_exit(self, n_layers: int) -> NativeRunner:
         """A runner over the first n_layers + final norm + head, sharing weights, with its own cache."""

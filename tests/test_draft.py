@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from bild import data, draft as D, train as T
+from bild import data
+from bild.drafts import recipe as D
+from bild.training import evaluate, losses, teacher, trainer
 
 VOCAB = 96
 
@@ -139,31 +141,31 @@ def test_teacher_caches_read_together_and_turns_checked(tmp_path):
         for s in range(n):
             torch.save([{"shard": f"{d}{s}"}], tmp_path / d / f"shard_{s:04d}.pt")
     both = f"{tmp_path / 'a'},{tmp_path / 'b'}"
-    assert [e["shard"] for e in T.load_teacher_cache(both)] == ["a0", "a1", "b0"]
-    assert [e["shard"] for e in T.load_teacher_cache(both, max_shards=2)] == ["a0", "a1"]
+    assert [e["shard"] for e in teacher.load_teacher_cache(both)] == ["a0", "a1", "b0"]
+    assert [e["shard"] for e in teacher.load_teacher_cache(both, max_shards=2)] == ["a0", "a1"]
     with pytest.raises(ValueError, match="turns"):
-        T.TeacherConfig("unused", split="heldout", turns="later")
+        teacher.TeacherConfig("unused", split="heldout", turns="later")
     with pytest.raises(ValueError, match="turns"):
-        T.TeacherConfig("unused", turns="every")
+        teacher.TeacherConfig("unused", turns="every")
 
 
 def _train_cfg(tmp_path, **kw):
     base = dict(out_dir=str(tmp_path), lr=3e-3, warmup_steps=1, batch_size=4, max_minutes=5,
                 eval_every_minutes=100, ckpt_every_minutes=100, threads=1, autocast=False)
-    return T.TrainConfig(**{**base, **kw})
+    return trainer.TrainConfig(**{**base, **kw})
 
 
 def test_training_reduces_loss(big, tmp_path):
     little = D.build_draft(big, D.DraftRecipe(n_layers=1, init="first"))
     examples = _examples(big)
-    batch = T.pad_batch(examples, 0)
+    batch = losses.pad_batch(examples, 0)
 
     def loss():
         with torch.no_grad():
-            logits = T.student_logits(little, batch["ids"], batch["positions"])
-            return T.topk_kd_loss(logits, batch["topv"], batch["topi"], batch["topi"][:, 0], None, 1, 1)[0].item()
+            logits = losses.student_logits(little, batch["ids"], batch["positions"])
+            return losses.topk_kd_loss(logits, batch["topv"], batch["topi"], batch["topi"][:, 0], None, 1, 1)[0].item()
     before = loss()
-    T.train(little, big, _train_cfg(tmp_path, max_steps=15), examples=examples)
+    trainer.train(little, big, _train_cfg(tmp_path, max_steps=15), examples=examples)
     assert loss() < before
     assert any(json.loads(line).get("event") == "step" for line in open(tmp_path / "log.jsonl"))
 
@@ -171,10 +173,10 @@ def test_training_reduces_loss(big, tmp_path):
 def test_checkpoint_resume_continues(big, tmp_path):
     examples, heldout = _examples(big), _examples(big, n=4, seed=1)
     little = D.build_draft(big, D.DraftRecipe(n_layers=1, init="first"))
-    state = T.train(little, big, _train_cfg(tmp_path, max_steps=3), examples=examples, heldout=heldout)
+    state = trainer.train(little, big, _train_cfg(tmp_path, max_steps=3), examples=examples, heldout=heldout)
     assert state.step == 3 and (tmp_path / "ckpt.pt").exists()
     fresh = D.build_draft(big, D.DraftRecipe(n_layers=1, init="first"))
-    state = T.train(fresh, big, _train_cfg(tmp_path, max_steps=5, autocast=True), examples=examples,
+    state = trainer.train(fresh, big, _train_cfg(tmp_path, max_steps=5, autocast=True), examples=examples,
                     heldout=heldout)
     assert state.step == 5
     starts = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"start"' in line]
@@ -186,9 +188,9 @@ def test_text_kd_with_reduced_head_trains(big, tmp_path):
     little = D.build_draft(big, D.DraftRecipe(n_layers=1, init="first"), kept)
     g = torch.Generator().manual_seed(0)
     batches = lambda step: torch.randint(0, VOCAB, (2, 12), generator=g)  # noqa: E731
-    state = T.train(little, big, _train_cfg(tmp_path, max_steps=4, autocast=True), text_batches=batches)
+    state = trainer.train(little, big, _train_cfg(tmp_path, max_steps=4, autocast=True), text_batches=batches)
     assert state.step == 4 and state.tokens == 4 * 2 * 11
-    alpha = T.agreement(little, _examples(big, n=3), pad_id=0)["alpha"]
+    alpha = evaluate.agreement(little, _examples(big, n=3), pad_id=0)["alpha"]
     assert 0.0 <= alpha <= 1.0
 
 
@@ -197,16 +199,16 @@ def test_teacher_native_batched_equals_hf_loop(big):
     from types import SimpleNamespace
     tokenizer = SimpleNamespace(eos_token_id=2)
     prompts = [[5, 9, 3, 7, 11, 4], [8, 6], [40, 41, 42, 43]]
-    hf_cfg = T.TeacherConfig("unused", max_new_tokens=7, top_k=4, engine="hf")
-    nat_cfg = T.TeacherConfig("unused", max_new_tokens=7, top_k=4, engine="native", dtype=torch.float32)
-    expected = T.generate_batch(big, tokenizer, prompts, hf_cfg)
-    got = T.teacher_generator(big, tokenizer, nat_cfg)(prompts)
+    hf_cfg = teacher.TeacherConfig("unused", max_new_tokens=7, top_k=4, engine="hf")
+    nat_cfg = teacher.TeacherConfig("unused", max_new_tokens=7, top_k=4, engine="native", dtype=torch.float32)
+    expected = teacher.generate_batch(big, tokenizer, prompts, hf_cfg)
+    got = teacher.teacher_generator(big, tokenizer, nat_cfg)(prompts)
     for e, g in zip(expected, got):
         assert g["ids"].tolist() == e["ids"].tolist() and g["start"] == e["start"]
         assert g["topi"].tolist() == e["topi"].tolist()
         torch.testing.assert_close(g["topv"].float(), e["topv"].float(), atol=2e-3, rtol=1e-3)
     with pytest.raises(ValueError, match="engine"):
-        T.TeacherConfig("unused", engine="gpu")
+        teacher.TeacherConfig("unused", engine="gpu")
 
 
 def test_predicted_speedup_is_leviathans_formula():
@@ -235,7 +237,7 @@ def test_design_sweep_measures_every_design(llama_dir, tmp_path):
     big, tokenizer = models.load(llama_dir, dtype=torch.float32)
     recipe = D.DraftRecipe(kind="shallow", big=llama_dir, n_layers=1, init="first")
     D.save_draft(D.build_draft(big, recipe), big, recipe, str(tmp_path / "d1"))
-    heldout = T.generate_batch(big, tokenizer, [[5, 6, 7, 8], [9, 10]], T.TeacherConfig("unused", max_new_tokens=6,
+    heldout = teacher.generate_batch(big, tokenizer, [[5, 6, 7, 8], [9, 10]], teacher.TeacherConfig("unused", max_new_tokens=6,
                                                                                         top_k=4, engine="hf"))
     designs = DS.as_designs([f"one={tmp_path / 'd1'}", "early-exit:1"])
     assert [d.name for d in designs] == ["one", "early-exit:1"]

@@ -166,7 +166,7 @@ def test_cancel_event_stops_the_stream_after_the_current_round(bl):
 
 @pytest.mark.parametrize("engine", ["hf", "native"])
 def test_reduced_vocabulary_draft_is_lossless_and_native_matches_hf(engine, llama_pair, tok):
-    from bild import draft as D
+    from bild.drafts import recipe as D
 
     big = llama_pair[0]
     kept = torch.arange(3, 60)  # a 57-token head: the draft can never propose the other 39 tokens
@@ -186,7 +186,7 @@ def test_reduced_vocabulary_draft_is_lossless_and_native_matches_hf(engine, llam
 
 
 def test_a_saved_draft_directory_loads_as_the_little_model(llama_pair, tmp_path):
-    from bild import draft as D
+    from bild.drafts import recipe as D
     from bild.models import describe_little, load_little
 
     big = llama_pair[0]

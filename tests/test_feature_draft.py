@@ -1,4 +1,4 @@
-"""Feature drafts (EAGLE-style, bild/feature_draft.py): lossless decoding, the native forward matches the trained
+"""Feature drafts (EAGLE-style, bild/drafts/feature.py): lossless decoding, the native forward matches the trained
 module, provisional cache entries are re-read after verification, training and saving work, misuse fails clearly."""
 
 from __future__ import annotations
@@ -8,10 +8,12 @@ import torch
 
 from bild import BigLittle, BildError
 from bild import native
-from bild.draft import DraftRecipe, build_draft, load_draft, save_draft, trainable_parameters
-from bild.feature_draft import FeatureDraft, FeatureRunner, shifted
-from bild.feature_draft import to_native as feature_to_native
-from bild.train import TeacherConfig, TrainConfig, agreement, param_groups, teacher_generator, train
+from bild.drafts.recipe import DraftRecipe, build_draft, load_draft, save_draft, trainable_parameters
+from bild.drafts.feature import FeatureDraft, FeatureRunner, shifted
+from bild.drafts.feature import to_native as feature_to_native
+from bild.training.evaluate import agreement
+from bild.training.teacher import TeacherConfig, teacher_generator
+from bild.training.trainer import TrainConfig, param_groups, train
 from conftest import tiny_llama
 from test_lossless import (SAMPLING, assert_matches, empirical, exact_two_token_distribution, random_prompts)
 
@@ -248,7 +250,7 @@ def test_initialised_from_a_shallow_draft_it_computes_that_drafts_logits(big, tm
 def test_text_teacher_gives_the_big_models_predictions_and_features(big):
     """Text caches: one prefill per chunk; targets are the big model's top-k at every position (not the text's
     next token), features are its final normed hidden states."""
-    from bild.train import text_teacher
+    from bild.training.teacher import text_teacher
     chunk = [1, 7, 9, 30, 4, 55, 6, 21]
     (example,) = text_teacher(big, TeacherConfig(out_dir="unused", top_k=3, features=True, dtype=torch.float32,
                                                  source="text", max_prompt_tokens=16))([chunk])

@@ -117,8 +117,8 @@ def sweep(big: str, designs: list[Design], heldout: list[dict], prompts: list, g
     α is measured in fp32 (as `draft export` does); speed with the engine's dtype (None: what `bild` picks)."""
     from .. import models
     from ..api import BigLittle
-    from ..draft import parameter_counts
-    from ..train import agreement
+    from ..drafts.recipe import parameter_counts
+    from ..training.evaluate import agreement
     reference, tokenizer = models.load(big)  # fp32 HF model: α
     big_model, _ = models.load(big, dtype=dtype, engine="auto")  # the model the pairs decode with
     pairs, rows = {}, {}

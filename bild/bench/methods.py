@@ -150,7 +150,7 @@ def _run_hf(bl, method: Method, prompt, max_new_tokens: int) -> dict:
                   eos_token_id=eos, pad_token_id=bl.tokenizer.pad_token_id if bl.tokenizer.pad_token_id
                   is not None else eos[0], attention_mask=torch.ones_like(x))
     if method.name == "hf-assisted":
-        if getattr(bl.little_runner, "needs_big", False):
+        if bl.little_runner.needs_big:
             raise BildError("hf-assisted needs a Hugging Face little model; this one reads the big model's "
                             "features and runs only in bild's native engine")
         kwargs["assistant_model"] = little

@@ -8,7 +8,7 @@ rotary module and LM head are the big model's own objects (shared, frozen, never
 - "early_exit": the big model's first K layers (shared objects, frozen) + one trainable exit layer
                 (initialised from a chosen big layer) + a trainable final norm.
 - "feature":    K trainable layers that also read the big model's final hidden states (EAGLE); not an HF
-                model but a bild.feature_draft.FeatureDraft, run by the native engine beside the big model.
+                model but a bild.drafts.feature.FeatureDraft, run by the native engine beside the big model.
                 `init_draft` names a trained shallow draft it started from (copied at build time only).
 
 Either may use a reduced-vocabulary head over the N most frequent tokens: its logits are -inf outside
@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+
+from .heads import ReducedHead
 
 RECIPE_FILE = "bild_draft.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -75,34 +77,6 @@ def resolve_layers(recipe: DraftRecipe, n_big: int) -> list[int]:
     return layers
 
 
-class ReducedHead(nn.Module):
-    """LM head restricted to `kept` token ids; full-vocabulary logits with -inf elsewhere.
-
-    The weight rows are gathered once from the big head (frozen, so the gather never goes stale) and
-    held in a non-persistent buffer: nothing of the big model is saved with the draft.
-    """
-
-    def __init__(self, big_head: nn.Linear, kept: torch.Tensor, vocab_size: int):
-        super().__init__()
-        self.vocab_size = vocab_size
-        self.register_buffer("kept", kept.long(), persistent=False)
-        self.register_buffer("sub_weight", big_head.weight.detach().index_select(0, self.kept), persistent=False)
-        self.source = [big_head]   # a list so the big head is not registered as a submodule
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The big head's full (V, H) weight, so vocabulary checks see the full vocabulary."""
-        return self.source[0].weight
-
-    def reduced(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.sub_weight.to(hidden.dtype).T                        # (B, T, N)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        small = self.reduced(hidden)                                               # (B, T, N)
-        full = small.new_full((*small.shape[:-1], self.vocab_size), float("-inf"))  # (B, T, V)
-        return full.index_copy_(-1, self.kept, small)
-
-
 def _layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers
 
@@ -114,7 +88,7 @@ def build_draft(big: nn.Module, recipe: DraftRecipe, kept_ids: torch.Tensor | No
     head = big.get_output_embeddings()
     recipe.vocab_size = None if kept_ids is None else len(kept_ids)
     if recipe.kind == "feature":
-        from .feature_draft import FeatureDraft, check_big
+        from .feature import FeatureDraft, check_big
         check_big(big)
         reduced = head if kept_ids is None else ReducedHead(head, kept_ids, big.config.vocab_size)
         return FeatureDraft(big, reduced, recipe.init_layers).eval()

@@ -18,23 +18,24 @@ token at t+1. At position t the draft reads the token x_t and f_{t-1}:
 While decoding, f_{t-1} is the big model's wherever it has run over position t-1, and the draft's own f̂_{t-1}
 beyond that. Embeddings and head rows are the big model's: shared, frozen, never saved.
 
-Pieces: `FeatureDraft` (the trainable module, saved like every draft by bild.draft), `aligned_loss` and
-`agreement` (training and held-out α on teacher caches with features), `FeatureModel` + `feature_forward` (the
+Pieces: `FeatureDraft` (the trainable module, saved like every draft by bild.drafts.recipe; its loss and held-out
+agreement are in bild.training), `FeatureModel` + `feature_forward` (the
 native inference forward) and `FeatureRunner` (the decoding loop's runner, reading the big runner's features).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import native
-from .errors import BildError
+from .. import native
+from ..errors import BildError
+from . import LittleSpec
+from .heads import ReducedHead
 
 
 EVAL_STEPS = 3  # draft tokens per round that held-out agreement scores (the draft sweep's γ)
@@ -110,8 +111,10 @@ class FeatureDraft(nn.Module):
     The blocks start as big layers `init_layers`, the output norm as the big model's final norm, the fc as
     [0; I] (the feature passes through). `init_from_shallow` instead starts from a trained shallow draft with
     fc = [I; 0]: the draft then computes exactly what the shallow draft does until training teaches it to use the
-    features. `lm_head` is the big head (or a bild.draft.ReducedHead of it), so vocabulary checks see its size.
+    features. `lm_head` is the big head (or a bild.drafts.heads.ReducedHead of it), so vocabulary checks see its size.
     """
+
+    bild_little = LittleSpec(reads_big_features=True)
 
     def __init__(self, big: nn.Module, head: nn.Module, init_layers: list[int]):
         super().__init__()
@@ -180,7 +183,7 @@ class FeatureDraft(nn.Module):
     def logits(self, f: Tensor) -> Tensor:
         """Head logits over the kept ids (reduced head) or the full vocabulary: (..., N)."""
         head = self.lm_head
-        return head.reduced(f) if hasattr(head, "reduced") else head(f)
+        return head.reduced(f) if isinstance(head, ReducedHead) else head(f)
 
 
 def check_big(big: nn.Module) -> None:
@@ -189,77 +192,9 @@ def check_big(big: nn.Module) -> None:
                         f"not {type(big).__name__}")
 
 
-# ----------------------------------------------------------------------------------------------- training
-
-
 def shifted(feats: Tensor) -> Tensor:
     """(B, T, dim) features f_t -> the draft's inputs f_{t-1}, zeros at t = 0."""
     return torch.cat([torch.zeros_like(feats[:, :1]), feats[:, :-1]], dim=1)
-
-
-def aligned_loss(draft: FeatureDraft, batch: dict, lookup: Tensor | None, w_kd: float, w_ce: float,
-                 w_reg: float = 1.0, noise: float = 0.1, steps: int = 1) -> tuple[Tensor, dict, int]:
-    """Train on a padded teacher batch with features (bild.train.pad_batch): the shallow drafts' loss on the
-    teacher's cached top-k (bild.train.topk_kd_loss: token KD + sequence KD, one pass of the head) plus smooth-L1
-    regression of f̂ onto the big model's features at every position that has one.
-    lookup: token id -> column of a reduced head (bild.train.vocab_lookup), or None for a full head.
-    Input features get uniform noise of `noise` times their RMS, as in EAGLE, so the draft tolerates its own
-    slightly wrong f̂ while drafting several tokens. steps > 1 also trains the later draft tokens of a round on the
-    draft's own f̂ (FeatureDraft.unroll, as HASS does); every pass has the same targets and weight, and the loss is
-    their sum."""
-    from .train import topk_kd_loss
-    _need_features(batch)
-    feats, valid = batch["feats"], batch["feat_mask"]  # (B, T, dim) targets f_t, (B, T) bool
-    inputs = shifted(feats)
-    if noise and draft.training:
-        scale = noise * feats[valid].float().pow(2).mean().sqrt()
-        inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * scale
-    pos = batch["positions"]  # (M, 2) positions with teacher logits
-    total, parts = 0.0, {}
-    for n, f_hat in enumerate(draft.unroll(batch["ids"], inputs, steps), start=1):  # (B, T, dim) each
-        logits = draft.logits(f_hat[pos[:, 0], pos[:, 1]])  # (M, N)
-        loss, kd_parts = topk_kd_loss(logits, batch["topv"], batch["topi"], batch["topi"][:, 0], lookup, w_kd, w_ce)
-        reg = F.smooth_l1_loss(f_hat[valid].float(), feats[valid].float())
-        total = total + loss + w_reg * reg
-        suffix = "" if n == 1 else str(n)
-        parts.update({f"{k}{suffix}": v for k, v in {**kd_parts, "reg": reg.item()}.items()})
-    return total, parts, len(pos)
-
-
-@torch.no_grad()
-def agreement(draft: FeatureDraft, examples: list[dict], pad_id: int, batch_size: int = 8,
-              steps: int = EVAL_STEPS) -> dict:
-    """Held-out top-1 agreement with the big model's greedy tokens, teacher-forced on the big model's features:
-    alpha is what the first draft token of every round sees. alpha_by_step[n-1] is the n-th draft token's, which
-    reads the draft's own f̂ (FeatureDraft.unroll; tokens still teacher-forced), and accept_est = Σ_n Π_{j<=n}
-    alpha_j estimates the draft tokens accepted per round of `steps` as if the steps erred independently. Measured
-    end to end, acceptance is bild bench's tokens per big call."""
-    from .train import pad_batch
-    hits, total = [0] * steps, 0
-    for b in range(0, len(examples), batch_size):
-        batch = _need_features(pad_batch(examples[b:b + batch_size], pad_id))
-        pos = batch["positions"]  # (M, 2)
-        want = batch["topi"][:, 0].long()  # (M,)
-        for n, f_hat in enumerate(draft.unroll(batch["ids"], shifted(batch["feats"].float()), steps)):
-            hits[n] += (_full_argmax(draft, f_hat[pos[:, 0], pos[:, 1]]) == want).sum().item()
-        total += len(pos)
-    alphas = [h / max(total, 1) for h in hits]
-    return {"alpha": alphas[0], "positions": total, "alpha_by_step": [round(a, 4) for a in alphas],
-            "accept_est": round(sum(math.prod(alphas[:n + 1]) for n in range(steps)), 4)}
-
-
-def _need_features(batch: dict) -> dict:
-    if "feats" not in batch:
-        raise BildError("a feature draft trains and is measured on teacher caches with the big model's features: "
-                        "make them with `bild draft teacher --features`")
-    return batch
-
-
-def _full_argmax(draft: FeatureDraft, f: Tensor) -> Tensor:
-    """Argmax over the full vocabulary (a reduced head never picks a token outside its kept ids)."""
-    logits = draft.logits(f)  # (M, N)
-    kept = getattr(draft.lm_head, "kept", None)
-    return logits.argmax(-1) if kept is None else kept[logits.argmax(-1)]
 
 
 # ----------------------------------------------------------------------------------------------- inference
@@ -279,7 +214,7 @@ def to_native(draft: FeatureDraft, big: native.NativeModel) -> FeatureModel:
     dtype = big.dtype
     w = lambda t: t.detach().to(dtype).contiguous()  # noqa: E731
     head = draft.lm_head
-    kept = getattr(head, "kept", None)
+    kept = head.kept if isinstance(head, ReducedHead) else None
     rows = w(head.sub_weight) if kept is not None else big.head
     config = dataclasses.replace(big.config, n_layers=len(draft.blocks))
     layers = [block.native(dtype) for block in draft.blocks]
