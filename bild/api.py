@@ -30,7 +30,7 @@ class BigLittle:
     """A big model, a little model and their shared tokenizer, decoded together."""
 
     def __init__(self, big, little, tokenizer, little_description: str = "user-supplied model", engine: str = "auto",
-                 activations: str = "fp32"):
+                 activations: str = "fp32", big_file: str | None = None):
         """engine: "native" (LLaMA-family CPU forward), "hf" (transformers), or "auto" (native where it applies).
         The native engine runs in the HF models' dtype (float16: fp16 weights, fp32 activations).
         activations="int8": a big model on GGUF blocks multiplies activations rounded to int8 per 32-value block,
@@ -38,6 +38,7 @@ class BigLittle:
         models.check_pair(big, little)
         self.big, self.little, self.tokenizer = big, little, tokenizer
         self.little_description = little_description
+        self.big_file = big_file  # the .gguf file the big model was loaded from, if any (llama.cpp runs it too)
         self.big_runner = make_runner(big, engine, activations=activations)
         self.little_runner = make_runner(little, engine, share_with=self.big_runner)
         self.engine = type(self.big_runner).__name__
@@ -59,7 +60,7 @@ class BigLittle:
         little = little if little is not None else models.default_little(big)
         little_model = models.load_little(little, big_model, dtype=big_model.dtype, device=device)
         return cls(big_model, little_model, tokenizer, models.describe_little(little), engine=engine,
-                   activations=activations)
+                   activations=activations, big_file=models.gguf_file(big))
 
     def generate(self, prompt, **kwargs) -> GenerationResult:
         """Generate from a string, a list of token ids or a list of chat messages. See GenerationConfig."""

@@ -48,6 +48,12 @@ def resolve(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def gguf_file(spec: str) -> str | None:
+    """The .gguf file an alias or path names, or None for a directory or hub id."""
+    where, gguf = resolve(spec)
+    return os.path.join(where, gguf) if gguf else None
+
+
 def _looks_like_path(spec: str) -> bool:
     """Hub ids are 'name' or 'org/name'; anything else with a slash is a path."""
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1
