@@ -208,10 +208,10 @@ def test_fp16_early_exit_shares_packed_weights(tiny):
 
 
 def test_fp16_weights_refuse_unpacked_and_unsupported_cpus(tiny, monkeypatch):
-    monkeypatch.setattr(native, "fp16_supported", lambda: True)  # refused before any packing, on any CPU
+    monkeypatch.setattr(native.cpu, "fp16_supported", lambda: True)  # refused before any packing, on any CPU
     with pytest.raises(ValueError, match="only packed"):
         native.from_hf(tiny, torch.float16, pack=False)
-    monkeypatch.setattr(native, "fp16_supported", lambda: False)
+    monkeypatch.setattr(native.cpu, "fp16_supported", lambda: False)
     with pytest.raises(ValueError, match="fbgemm"):
         native.from_hf(tiny, torch.float16)
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
@@ -352,8 +352,8 @@ def test_default_dtype_is_the_fastest_native_precision_where_it_applies(monkeypa
     dynamic = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                           rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     for bf16, fp16, want in ((True, True, torch.bfloat16), (False, True, torch.float16), (False, False, torch.float32)):
-        monkeypatch.setattr(native, "bf16_supported", lambda: bf16)
-        monkeypatch.setattr(native, "fp16_supported", lambda: fp16)
+        monkeypatch.setattr(native.cpu, "bf16_supported", lambda: bf16)
+        monkeypatch.setattr(native.cpu, "fp16_supported", lambda: fp16)
         assert default_dtype(llama, "auto") == default_dtype(llama, "native") == want
         assert default_dtype(llama, "hf") == torch.float32  # transformers' CPU maths stay fp32
         assert default_dtype(GPT2Config(), "auto") == default_dtype(dynamic, "auto") == torch.float32

@@ -123,14 +123,14 @@ class FeatureDraft(nn.Module):
         self.eps = inner.norm.variance_epsilon
         self.embed_tokens = inner.embed_tokens  # shared, frozen
         self.lm_head = head                     # shared rows, frozen
-        self.blocks = nn.ModuleList(Block(native._layer(inner.layers[i], torch.float32), cfg.num_attention_heads,
+        self.blocks = nn.ModuleList(Block(native.hf_layer(inner.layers[i], torch.float32), cfg.num_attention_heads,
                                           cfg.num_key_value_heads, self.eps) for i in init_layers)
         self.out_norm = nn.Parameter(inner.norm.weight.detach().float().clone())
         dim = cfg.hidden_size
         self.fc = nn.Linear(2 * dim, dim)
         self._pass_through(feature=True)
         cos, sin = native.rope_tables(inner.rotary_emb.inv_freq, inner.rotary_emb.attention_scaling,
-                                      native._context_length(cfg), torch.float32)
+                                      native.context_length(cfg), torch.float32)
         self.register_buffer("cos", cos, persistent=False)  # (S, D)
         self.register_buffer("sin", sin, persistent=False)  # (S, D)
 
@@ -149,7 +149,7 @@ class FeatureDraft(nn.Module):
         if len(layers) != len(self.blocks):
             raise ValueError(f"the shallow draft has {len(layers)} layers, this feature draft {len(self.blocks)}")
         for block, layer in zip(self.blocks, layers):
-            src = native._layer(layer, torch.float32)
+            src = native.hf_layer(layer, torch.float32)
             for name in ("attn_norm", "wqkv", "wo", "mlp_norm", "w13", "w2"):
                 getattr(block, name).copy_(getattr(src, name))
         self.out_norm.copy_(shallow.model.norm.weight)

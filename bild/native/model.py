@@ -1,0 +1,146 @@
+"""A native model: its configuration, decoder layers, read-only weights and tables, and its KV cache.
+
+The cache is preallocated (1, H_kv, S, D) per layer and written at explicit positions; rolling back is `length = n`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import kernels
+from ..kernels import BlockWeight
+
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+
+
+DYNAMIC_ROPE = ("dynamic", "longrope")  # inverse frequencies that change with the sequence length
+
+
+STEP_TOKENS = 16  # forwards of at most this many tokens (decode steps, verification) use step_attention
+
+
+PACK_BATCH_HINT = 9  # oneDNN picks blocking for this many rows; fits both 1-token steps and 1 + 8 drafts
+
+
+@dataclass(slots=True, frozen=True)
+class NativeConfig:
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    vocab_size: int
+    max_length: int  # positions the RoPE tables cover, and the largest cache a runner may allocate
+    norm_eps: float
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{self.n_heads} query heads do not split into {self.n_kv_heads} kv groups")
+        if self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+
+
+@dataclass(slots=True)
+class Layer:
+    attn_norm: Tensor  # (dim,)
+    wqkv: Tensor  # ((H + 2 H_kv) * D, dim): q rows, then k rows, then v rows
+    bqkv: Tensor | None  # ((H + 2 H_kv) * D,)
+    wo: Tensor  # (dim, H * D)
+    bo: Tensor | None
+    mlp_norm: Tensor  # (dim,)
+    w13: Tensor  # (2 * ffn_dim, dim): gate rows, then up rows
+    b13: Tensor | None
+    w2: Tensor  # (dim, ffn_dim)
+    b2: Tensor | None
+    fused: kernels.LayerPointers | None = None  # every matmul weight in blocks: the whole layer runs in blocks.c
+
+
+@dataclass(slots=True)
+class NativeModel:
+    """Read-only weights and tables; all mutable state lives in a KVCache."""
+    config: NativeConfig
+    embed: Tensor  # (V, dim)
+    layers: list[Layer]
+    norm: Tensor  # (dim,)
+    head: Tensor  # (V, dim); the same tensor as embed when tied
+    cos: Tensor  # (max_length, D)
+    sin: Tensor  # (max_length, D), first half negated so that rotate_half(x) * sin == roll(x) * sin
+    head_ids: Tensor | None = None  # reduced-vocabulary head: head is (N, dim) over these N token ids
+    weight_dtype: torch.dtype | None = None  # of the matmul weights, when not `dtype` (fp16, see pack_fp16)
+    gguf_blocks: bool = False  # some matmul weights are GGUF blocks read exactly (see pack_blocks)
+    rounded: str | None = None  # a little model's own weights, rounded to these blocks (see round_blocks)
+    int8: bool = False  # the blocks' products take int8-rounded activations (lossy, see with_int8)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Activations, norms, embedding and KV cache."""
+        return self.embed.dtype
+
+    @property
+    def matmul_dtype(self) -> torch.dtype:
+        """Of the layers' and head's matmul weights (float32 for blocks: they rebuild the fp32 weights exactly)."""
+        return self.weight_dtype or self.dtype
+
+    @property
+    def precision(self) -> str:
+        """e.g. "torch.float32 on GGUF q4_1/q8_0 blocks" or "torch.float16 weights, torch.float32 activations"."""
+        if self.gguf_blocks:
+            kinds = sorted({w.kind for w in matmul_weights(self) if isinstance(w, BlockWeight)})
+            acts = ", int8 activations in the products" if self.int8 else ""
+            if self.rounded:
+                return f"{self.dtype} on {'/'.join(kinds)} blocks (its own weights rounded to {self.rounded}){acts}"
+            return f"{self.dtype} on GGUF {'/'.join(kinds)} blocks (the file's weights, exactly){acts}"
+        weights = self.matmul_dtype
+        return str(weights) if weights == self.dtype else f"{weights} weights, {self.dtype} activations"
+
+
+@dataclass(slots=True)
+class KVCache:
+    k: list[Tensor]  # per layer (1, H_kv, S, D)
+    v: list[Tensor]  # per layer (1, H_kv, S, D)
+
+
+def matmul_weights(model: NativeModel) -> list:
+    return [w for layer in model.layers for w in (layer.wqkv, layer.wo, layer.w13, layer.w2)] + [model.head]
+
+
+def streamed_bytes(model: NativeModel) -> int:
+    """Bytes one decode step must read: every layer's matmul weights and norms, the final norm and the head (not
+    the embedding, of which a step reads one row). Biases are left out: at most a few kB."""
+    c = model.config
+    qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+    shapes = [(qkv, c.dim), (c.dim, c.n_heads * c.head_dim), (2 * c.ffn_dim, c.dim), (c.dim, c.ffn_dim)] * c.n_layers
+    shapes.append((c.vocab_size if model.head_ids is None else model.head_ids.shape[0], c.dim))
+    weights = sum(w.nbytes if isinstance(w, BlockWeight) else rows * cols * model.matmul_dtype.itemsize
+                  for w, (rows, cols) in zip(matmul_weights(model), shapes))
+    return weights + (2 * c.n_layers + 1) * c.dim * model.dtype.itemsize  # and the norms
+
+
+def rope_tables(inv_freq: Tensor, scaling: float, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sign-folded sin for positions 0..length-1, computed in fp32 as HF does, then cast."""
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq.float())  # (S, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (S, D)
+    cos, sin = emb.cos() * scaling, emb.sin() * scaling
+    half = inv_freq.shape[0]
+    sin[:, :half].neg_()  # rotate_half(x) = cat(-x2, x1) = roll(x, D/2) with the first half negated
+    return cos.to(dtype), sin.to(dtype)
+
+
+def early_exit(model: NativeModel, n_layers: int) -> NativeModel:
+    """The first n_layers, then the same final norm and head. Shares every weight tensor; copies none."""
+    if not 1 <= n_layers <= model.config.n_layers:
+        raise ValueError(f"early exit needs 1..{model.config.n_layers} layers, got {n_layers}")
+    config = dataclasses.replace(model.config, n_layers=n_layers)
+    return dataclasses.replace(model, config=config, layers=model.layers[:n_layers])
+
+
+def allocate_cache(config: NativeConfig, max_length: int, dtype: torch.dtype) -> KVCache:
+    """Uninitialised on purpose: nothing past the valid prefix is ever read, and untouched pages cost nothing."""
+    shape = (1, config.n_kv_heads, max_length, config.head_dim)  # (B, H_kv, S, D)
+    return KVCache([torch.empty(shape, dtype=dtype) for _ in range(config.n_layers)],
+                   [torch.empty(shape, dtype=dtype) for _ in range(config.n_layers)])
