@@ -60,6 +60,23 @@ class Layer:
     fused: kernels.LayerPointers | None = None  # every matmul weight in blocks: the whole layer runs in blocks.c
 
 
+WEIGHTS = ("plain", "fp16", "blocks", "rounded")
+
+
+@dataclass(frozen=True, slots=True)
+class Precision:
+    """What a native model's matmuls compute in: the one description the packers set and everything else reads."""
+    weights: str = "plain"  # plain: weights in the activations' dtype | fp16: fp16 weights, fp32 activations (pack_fp16)
+    # | blocks: a GGUF file's blocks, read exactly (pack_blocks) | rounded: also own weights rounded to q8_0 blocks
+    int8: bool = False  # block products take activations rounded to int8 (lossy; with_int8)
+
+    def __post_init__(self):
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
+        if self.int8 and self.weights not in ("blocks", "rounded"):
+            raise ValueError("int8 activations need matmul weights in blocks")
+
+
 @dataclass(slots=True)
 class NativeModel:
     """Read-only weights and tables; all mutable state lives in a KVCache."""
@@ -71,10 +88,7 @@ class NativeModel:
     cos: Tensor  # (max_length, D)
     sin: Tensor  # (max_length, D), first half negated so that rotate_half(x) * sin == roll(x) * sin
     head_ids: Tensor | None = None  # reduced-vocabulary head: head is (N, dim) over these N token ids
-    weight_dtype: torch.dtype | None = None  # of the matmul weights, when not `dtype` (fp16, see pack_fp16)
-    gguf_blocks: bool = False  # some matmul weights are GGUF blocks read exactly (see pack_blocks)
-    rounded: str | None = None  # a little model's own weights, rounded to these blocks (see round_blocks)
-    int8: bool = False  # the blocks' products take int8-rounded activations (lossy, see with_int8)
+    numerics: Precision = Precision()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -84,7 +98,16 @@ class NativeModel:
     @property
     def matmul_dtype(self) -> torch.dtype:
         """Of the layers' and head's matmul weights (float32 for blocks: they rebuild the fp32 weights exactly)."""
-        return self.weight_dtype or self.dtype
+        return torch.float16 if self.numerics.weights == "fp16" else self.dtype
+
+    @property
+    def gguf_blocks(self) -> bool:
+        """Some matmul weights are GGUF blocks (the kernels in bild/kernels run them)."""
+        return self.numerics.weights in ("blocks", "rounded")
+
+    @property
+    def int8(self) -> bool:
+        return self.numerics.int8
 
     @property
     def precision(self) -> str:
@@ -92,8 +115,8 @@ class NativeModel:
         if self.gguf_blocks:
             kinds = sorted({w.kind for w in matmul_weights(self) if isinstance(w, BlockWeight)})
             acts = ", int8 activations in the products" if self.int8 else ""
-            if self.rounded:
-                return f"{self.dtype} on {'/'.join(kinds)} blocks (its own weights rounded to {self.rounded}){acts}"
+            if self.numerics.weights == "rounded":
+                return f"{self.dtype} on {'/'.join(kinds)} blocks (its own weights rounded to q8_0){acts}"
             return f"{self.dtype} on GGUF {'/'.join(kinds)} blocks (the file's weights, exactly){acts}"
         weights = self.matmul_dtype
         return str(weights) if weights == self.dtype else f"{weights} weights, {self.dtype} activations"

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import kernels
 from ..kernels import BlockWeight
-from .model import PACK_BATCH_HINT, Layer, NativeModel, matmul_weights
+from .model import PACK_BATCH_HINT, Layer, NativeModel, Precision, matmul_weights
 
 
 def pack_weights(model: NativeModel, batch_hint: int = PACK_BATCH_HINT) -> NativeModel:
@@ -37,7 +37,7 @@ def pack_fp16(model: NativeModel) -> NativeModel:
     relative to the fp16-rounded weights (a relative change of at most 2^-11 per weight)."""
     if model.dtype != torch.float32:
         raise ValueError(f"fp16 weights go with float32 activations, not {model.dtype}")
-    return _map_weights(model, fp16_weight, weight_dtype=torch.float16)
+    return _map_weights(model, fp16_weight, numerics=Precision("fp16"))
 
 
 def fp16_weight(w: Tensor | BlockWeight) -> torch.ScriptObject | BlockWeight:
@@ -64,7 +64,7 @@ def pack_blocks(model: NativeModel) -> NativeModel:
                                             w2=read(layer.w2))) for layer in layers]
     head = read(model.head, "q8_0")
     found = layers is not model.layers or isinstance(head, BlockWeight)
-    return dataclasses.replace(model, layers=layers, head=head, gguf_blocks=found) if found else model
+    return dataclasses.replace(model, layers=layers, head=head, numerics=Precision("blocks")) if found else model
 
 
 def _map_weights(model: NativeModel, f, **fields) -> NativeModel:
@@ -100,7 +100,8 @@ def round_blocks(model: NativeModel) -> NativeModel:
     def rounded(w: Tensor | BlockWeight) -> Tensor | BlockWeight:
         return w if isinstance(w, BlockWeight) else kernels.quantise(w) or onednn_weight(w)
     own = [w for w in matmul_weights(model) if not isinstance(w, BlockWeight)]
-    return _map_weights(model, rounded, gguf_blocks=True, rounded="q8_0" if own else None)
+    weights = "rounded" if own or model.numerics.weights == "rounded" else "blocks"
+    return _map_weights(model, rounded, numerics=dataclasses.replace(model.numerics, weights=weights))
 
 
 def with_int8(model: NativeModel) -> NativeModel:
@@ -113,7 +114,7 @@ def with_int8(model: NativeModel) -> NativeModel:
 
     def int8(w):
         return kernels.with_int8(w) if isinstance(w, BlockWeight) else w
-    return _map_weights(model, int8, int8=True)
+    return _map_weights(model, int8, numerics=dataclasses.replace(model.numerics, int8=True))
 
 
 def pack_weight_like(w: Tensor, like: NativeModel) -> Tensor | torch.ScriptObject | BlockWeight:
