@@ -36,13 +36,31 @@ class BigLittle:
         activations="int8": a big model on GGUF blocks multiplies activations rounded to int8 per 32-value block,
         as llama.cpp does: faster, lossy against fp32, and outputs are lossless relative to that model."""
         models.check_pair(big, little)
-        self.big, self.little, self.tokenizer = big, little, tokenizer
+        big_runner = make_runner(big, engine, activations=activations)
+        self._init(big_runner, make_runner(little, engine, share_with=big_runner), tokenizer, _eos_ids(big, tokenizer),
+                   little_description, big_file, big.config.is_encoder_decoder)
+        self.big, self.little = big, little
+
+    @classmethod
+    def from_runners(cls, big_runner, little_runner, tokenizer, eos_ids: set[int],
+                     little_description: str = "user-supplied model", big_file: str | None = None) -> BigLittle:
+        """A decoder-only pair whose runners are built already, with no Hugging Face modules behind them (the
+        native engine on GGUF files it reads directly); `big` and `little` are then None."""
+        if big_runner.vocab_size != little_runner.vocab_size:
+            raise BildError(f"vocabularies differ: big model has {big_runner.vocab_size} tokens, "
+                            f"little model has {little_runner.vocab_size}")
+        bl = cls.__new__(cls)
+        bl._init(big_runner, little_runner, tokenizer, eos_ids, little_description, big_file, False)
+        bl.big = bl.little = None
+        return bl
+
+    def _init(self, big_runner, little_runner, tokenizer, eos_ids, little_description, big_file, encoder_decoder):
+        self.big_runner, self.little_runner, self.tokenizer = big_runner, little_runner, tokenizer
+        self.eos_ids = eos_ids
         self.little_description = little_description
         self.big_file = big_file  # the .gguf file the big model was loaded from, if any (llama.cpp runs it too)
-        self.big_runner = make_runner(big, engine, activations=activations)
-        self.little_runner = make_runner(little, engine, share_with=self.big_runner)
-        self.engine = type(self.big_runner).__name__
-        self.eos_ids = _eos_ids(big, tokenizer)
+        self.encoder_decoder = encoder_decoder
+        self.engine = type(big_runner).__name__
 
     @property
     def precision(self) -> str:
@@ -51,16 +69,40 @@ class BigLittle:
         return m.precision if isinstance(m, native.NativeModel) else str(self.big.dtype)
 
     @classmethod
+    def _load_gguf(cls, big: str, path: str, little: str | None, activations: str | None) -> BigLittle:
+        """Both models straight from their GGUF files on the native engine (bild.native.gguf); the little one is
+        another such file or an early exit of the big one."""
+        int8 = activations != "fp32"
+        big_runner = native.NativeRunner(native.gguf.load(path, int8=int8))
+        spec = little if little is not None else models.default_little(big)
+        if spec is None or spec.startswith("early-exit"):
+            little_runner = big_runner.early_exit(models.early_exit_layers(spec))
+        else:
+            little_path = models.gguf_file(spec)
+            if little_path is None or models.gguf_summary(little_path)["architecture"] not in native.gguf.ARCHITECTURES:
+                raise BildError(f"the little model beside {big} must be a GGUF file the native engine reads "
+                                f"directly, or early-exit:K; got {spec!r}")
+            little_runner = native.NativeRunner(native.gguf.load(little_path, int8=int8))
+        tokenizer = models.gguf_tokenizer(path)
+        eos = {tokenizer.eos_token_id, *native.gguf.eos_ids(path)} - {None}
+        return cls.from_runners(big_runner, little_runner, tokenizer, eos, models.describe_little(spec), path)
+
+    @classmethod
     def load(cls, big: str = "smollm2-135m", little: str | None = None, dtype=None, device=None,
-             engine: str = "auto", activations: str = "fp32") -> BigLittle:
+             engine: str = "auto", activations: str | None = None) -> BigLittle:
         """Load by alias, hub id, directory or .gguf file; little=None is the big model's default little model.
         dtype=None: see models.default_dtype (bf16 or fp16 weights on the native engine, else fp32). Outputs are
-        lossless relative to the big model as loaded: with bf16 or fp16, to its rounded weights."""
+        lossless relative to the big model as loaded: with bf16 or fp16, to its rounded weights.
+        activations=None: int8 for a GGUF file the native engine reads directly (llama.cpp's arithmetic, its fast
+        path), fp32 otherwise."""
+        path = models.gguf_file(big) if engine != "hf" else None
+        if path is not None and models.gguf_summary(path)["architecture"] in native.gguf.ARCHITECTURES:
+            return cls._load_gguf(big, path, little, activations)
         big_model, tokenizer = models.load(big, dtype=dtype, device=device, engine=engine)
         little = little if little is not None else models.default_little(big)
         little_model = models.load_little(little, big_model, dtype=big_model.dtype, device=device)
         return cls(big_model, little_model, tokenizer, models.describe_little(little), engine=engine,
-                   activations=activations, big_file=models.gguf_file(big))
+                   activations=activations or "fp32", big_file=models.gguf_file(big))
 
     def generate(self, prompt, **kwargs) -> GenerationResult:
         """Generate from a string, a list of token ids or a list of chat messages. See GenerationConfig."""
@@ -101,7 +143,7 @@ class BigLittle:
         if not ids:
             raise BildError("the prompt is empty")
         context = min(self.big_runner.max_length, self.little_runner.max_length)
-        limit = context if self.big.config.is_encoder_decoder else context - 1
+        limit = context if self.encoder_decoder else context - 1
         if len(ids) > limit:
             raise BildError(f"the prompt is {len(ids)} tokens; the model's context is {context} tokens")
         return ids

@@ -98,22 +98,33 @@ def default_dtype(config, engine: str, gguf_path: str | None = None) -> torch.dt
 
 
 def gguf_blocks_only(path: str) -> bool:
-    """Whether every quantised tensor of a GGUF file is Q4_1 or Q8_0, what bild/kernels reads exactly. Reading
-    the header takes seconds (its metadata holds the whole vocabulary), so the answer is cached per file."""
-    record = _cache_path("gguf-types", path) + ".json"
+    """Whether every quantised tensor of a GGUF file is Q4_1 or Q8_0, what bild/kernels recovers exactly from
+    transformers' dequantised weights."""
+    quantised = set(gguf_summary(path)["types"]) - {"F32", "F16", "BF16"}
+    return bool(quantised) and quantised <= {"Q4_1", "Q8_0"}
+
+
+def gguf_summary(path: str) -> dict:
+    """{"architecture": ..., "types": [tensor types]} of a GGUF file ("" and [] when unreadable: load() then
+    reports why). Reading the header takes seconds (its metadata holds the whole vocabulary), so the answer is
+    cached per file."""
+    record = _cache_path("gguf-summary", path) + ".json"
     try:
         with open(record) as f:
-            types = set(json.load(f))
+            return json.load(f)
     except (OSError, ValueError):
-        try:
-            from gguf import GGUFReader
+        pass
+    try:
+        from gguf import GGUFReader
 
-            types = {t.tensor_type.name for t in GGUFReader(path).tensors}
-        except Exception:  # unreadable here means unreadable by transformers too; load() reports that
-            return False
-        _write_quietly(record, json.dumps(sorted(types)))
-    quantised = types - {"F32", "F16", "BF16"}
-    return bool(quantised) and quantised <= {"Q4_1", "Q8_0"}
+        reader = GGUFReader(path)
+    except Exception:  # unreadable here means unreadable by transformers too; load() reports that
+        return {"architecture": "", "types": []}
+    arch = reader.fields.get("general.architecture")
+    summary = {"architecture": bytes(arch.parts[arch.data[0]]).decode() if arch else "",
+               "types": sorted({t.tensor_type.name for t in reader.tensors})}
+    _write_quietly(record, json.dumps(summary))
+    return summary
 
 
 def _cache_path(kind: str, path: str) -> str:
@@ -159,6 +170,27 @@ def _converted(directory: str, gguf: str) -> tuple[str, str | None]:
     except OSError:  # a read-only or full disk: load from the GGUF file every time instead
         return directory, gguf
     return target, None
+
+
+def gguf_tokenizer(path: str):
+    """The tokenizer a GGUF file holds. Building it from the file's metadata takes seconds; a copy saved in the
+    user's cache loads in a fraction of that."""
+    from transformers import AutoTokenizer
+
+    saved = _cache_path("tokenizers", path)
+    if os.path.isfile(os.path.join(saved, "tokenizer_config.json")):
+        return AutoTokenizer.from_pretrained(saved)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    except Exception as e:
+        raise BildError(f"could not read the tokenizer of {path!r}: {_first_line(e)}") from e
+    tmp = f"{saved}.tmp{os.getpid()}"
+    try:
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, saved)
+    except OSError:  # a read-only or full disk: read the file every time instead
+        pass
+    return tokenizer
 
 
 def _first_line(e: Exception) -> str:
@@ -226,6 +258,14 @@ def default_little(big_spec: str) -> str | None:
     return path if big_spec in ALIASES and os.path.isfile(os.path.join(path, "bild_draft.json")) else None
 
 
+def early_exit_layers(spec: str | None) -> int:
+    """None or 'early-exit[:K]' -> K (DEFAULT_EARLY_EXIT_LAYERS when not given)."""
+    k = spec.partition(":")[2] if spec else ""
+    if k and not k.isdigit():
+        raise BildError(f"early exit layers must be an integer, got {k!r}")
+    return int(k) if k else DEFAULT_EARLY_EXIT_LAYERS
+
+
 def load_little(spec: str | None, big: nn.Module, dtype=None, device=None) -> nn.Module:
     """None or 'early-exit[:K]' -> an early exit of big; a trained draft directory; else any loadable model."""
     from .drafts import recipe as draft
@@ -236,10 +276,7 @@ def load_little(spec: str | None, big: nn.Module, dtype=None, device=None) -> nn
         except Exception as e:  # safetensors, json and shape errors all mean a broken draft directory
             raise BildError(f"could not load the draft in {spec}: {_first_line(e)}") from e
     if spec is None or spec.startswith("early-exit"):
-        k = spec.partition(":")[2] if spec else ""
-        if k and not k.isdigit():
-            raise BildError(f"early exit layers must be an integer, got {k!r}")
-        return early_exit(big, int(k) if k else DEFAULT_EARLY_EXIT_LAYERS)
+        return early_exit(big, early_exit_layers(spec))
     model, _ = load(spec, dtype=dtype, device=device)
     return model
 
@@ -259,8 +296,7 @@ def describe_little(spec: str | None) -> str:
                 + (f", head over {recipe.vocab_size} tokens" if recipe.vocab_size else "")
                 + (f", held-out top-1 agreement {alpha:.2f}" if isinstance(alpha, float) else "") + ")")
     if spec is None or spec.startswith("early-exit"):
-        k = spec.partition(":")[2] if spec else ""
-        return (f"early exit of the big model after {k or DEFAULT_EARLY_EXIT_LAYERS} layers "
+        return (f"early exit of the big model after {early_exit_layers(spec)} layers "
                 "(UNTRAINED: expect low acceptance and little or no speedup)")
     return spec
 

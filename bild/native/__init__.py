@@ -17,6 +17,7 @@ decoding for teacher data), `cpu` (what this CPU computes natively).
 from .batch import GreedyBatch, greedy_batch
 from .convert import config_supported, context_length, from_hf, hf_layer, supports
 from .cpu import bf16_supported, fastest_dtype, fp16_supported, resolve_dtype
+from . import gguf
 from .forward import apply_rope, blocks, final_norm, forward, head_logits, linear, project, rms_norm
 from .model import (STEP_TOKENS, KVCache, Layer, NativeConfig, NativeModel, Precision, allocate_cache, early_exit,
                     matmul_weights, rope_tables, streamed_bytes)
@@ -25,7 +26,7 @@ from .runner import NativeRunner
 
 _matmul_weights = matmul_weights  # the name tests/test_kernels.py uses
 
-__all__ = ["GreedyBatch", "greedy_batch", "config_supported", "context_length", "from_hf", "hf_layer", "supports",
+__all__ = ["gguf", "GreedyBatch", "greedy_batch", "config_supported", "context_length", "from_hf", "hf_layer", "supports",
            "bf16_supported", "fastest_dtype", "fp16_supported", "resolve_dtype", "apply_rope", "blocks",
            "final_norm", "forward", "head_logits", "linear", "project", "rms_norm", "STEP_TOKENS", "KVCache",
            "Layer", "NativeConfig", "NativeModel", "Precision", "allocate_cache", "early_exit", "matmul_weights", "rope_tables",

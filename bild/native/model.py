@@ -81,7 +81,7 @@ class Precision:
 class NativeModel:
     """Read-only weights and tables; all mutable state lives in a KVCache."""
     config: NativeConfig
-    embed: Tensor  # (V, dim)
+    embed: Tensor | BlockWeight  # (V, dim); blocks in a GGUF file read directly, whose rows are gathered
     layers: list[Layer]
     norm: Tensor  # (dim,)
     head: Tensor  # (V, dim); the same tensor as embed when tied
@@ -92,8 +92,8 @@ class NativeModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        """Activations, norms, embedding and KV cache."""
-        return self.embed.dtype
+        """Activations, norms and KV cache (and the embedding, unless it is in blocks)."""
+        return self.norm.dtype
 
     @property
     def matmul_dtype(self) -> torch.dtype:
