@@ -69,35 +69,33 @@ def unrolled_attention(q: Tensor, kvs: list[KV]) -> Tensor:
 class Block(nn.Module):
     """One trainable LLaMA decoder layer laid out as bild.native's Layer (fused qkv and gate/up, no biases)."""
 
-    def __init__(self, layer: native.Layer, n_heads: int, n_kv_heads: int, eps: float):
+    def __init__(self, layer: native.Layer, config: native.NativeConfig):
         super().__init__()
         own = lambda t: nn.Parameter(t.detach().float().clone())  # noqa: E731
         self.attn_norm, self.wqkv, self.wo = own(layer.attn_norm), own(layer.wqkv), own(layer.wo)
         self.mlp_norm, self.w13, self.w2 = own(layer.mlp_norm), own(layer.w13), own(layer.w2)
-        self.n_heads, self.n_kv_heads, self.eps = n_heads, n_kv_heads, eps
+        self.config = config
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], past: list[KV] = ()) -> tuple[Tensor, KV]:
-        """x (B, T, dim), rope: cos and sin (T, 1, D) -> (B, T, dim) and this pass's keys and values.
+        """x (B, T, dim), rope: cos and sin (T, 1, D) -> (B, T, dim) and this pass's keys and values, through
+        bild.native's one layer definition (decoder_layer) over this block's parameters.
         `past`: the keys and values of the earlier passes of an unroll (FeatureDraft.unroll)."""
-        a, kv = self._attention(F.rms_norm(x, x.shape[-1:], self.attn_norm, self.eps), rope, past)
-        h = x + a
-        gate_up = F.linear(F.rms_norm(h, h.shape[-1:], self.mlp_norm, self.eps), self.w13)  # (B, T, 2F)
-        gate, up = gate_up.chunk(2, dim=-1)  # (B, T, F) each
-        return h + F.linear(F.silu(gate) * up, self.w2), kv
+        layer = native.Layer(attn_norm=self.attn_norm, wqkv=self.wqkv, bqkv=None, wo=self.wo, bo=None,
+                             mlp_norm=self.mlp_norm, w13=self.w13, b13=None, w2=self.w2, b2=None)
+        kv = []
+        out = native.decoder_layer(layer, x, self.config, lambda h: self._attention(layer, h, rope, past, kv))
+        return out, kv[0]
 
-    def _attention(self, x: Tensor, rope: tuple[Tensor, Tensor], past: list[KV]) -> tuple[Tensor, KV]:
+    def _attention(self, layer: native.Layer, x: Tensor, rope: tuple[Tensor, Tensor], past: list[KV],
+                   kv: list) -> Tensor:
         B, T, _ = x.shape
-        H, Hkv = self.n_heads, self.n_kv_heads
-        D = self.wo.shape[1] // H
-        qkv = F.linear(x, self.wqkv).view(B, T, H + 2 * Hkv, D)  # (B, T, H + 2 H_kv, D)
-        qk = native.apply_rope(qkv[:, :, :H + Hkv], *rope)  # (B, T, H + H_kv, D)
-        q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # (B, H, T, D), (B, H_kv, T, D)
-        v = qkv[:, :, H + Hkv:].transpose(1, 2)  # (B, H_kv, T, D)
+        q, k, v = (t.transpose(1, 2) for t in native.project_qkv(layer, x, rope, self.config))  # (B, heads, T, D)
+        kv.append((k, v))
         if past:
             y = unrolled_attention(q, [*past, (k, v)])  # (B, H, T, D)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, D)
-        return F.linear(y.transpose(1, 2).reshape(B, T, H * D), self.wo), (k, v)  # (B, T, dim)
+        return F.linear(y.transpose(1, 2).reshape(B, T, -1), self.wo)  # (B, T, dim)
 
     def native(self, dtype: torch.dtype) -> native.Layer:
         w = lambda t: t.detach().to(dtype).contiguous()  # noqa: E731
@@ -123,8 +121,8 @@ class FeatureDraft(nn.Module):
         self.eps = inner.norm.variance_epsilon
         self.embed_tokens = inner.embed_tokens  # shared, frozen
         self.lm_head = head                     # shared rows, frozen
-        self.blocks = nn.ModuleList(Block(native.hf_layer(inner.layers[i], torch.float32), cfg.num_attention_heads,
-                                          cfg.num_key_value_heads, self.eps) for i in init_layers)
+        shape = native.hf_config(big)
+        self.blocks = nn.ModuleList(Block(native.hf_layer(inner.layers[i], torch.float32), shape) for i in init_layers)
         self.out_norm = nn.Parameter(inner.norm.weight.detach().float().clone())
         dim = cfg.hidden_size
         self.fc = nn.Linear(2 * dim, dim)

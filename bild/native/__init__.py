@@ -15,10 +15,11 @@ decoding for teacher data), `cpu` (what this CPU computes natively).
 """
 
 from .batch import GreedyBatch, greedy_batch
-from .convert import config_supported, context_length, from_hf, hf_layer, supports
+from .convert import config_supported, context_length, from_hf, hf_config, hf_layer, supports
 from .cpu import bf16_supported, fastest_dtype, fp16_supported, resolve_dtype
 from . import gguf
-from .forward import apply_rope, blocks, final_norm, forward, head_logits, linear, project, rms_norm
+from .forward import (apply_rope, blocks, decoder_layer, final_norm, forward, head_logits, linear, mlp, project,
+                      project_qkv, rms_norm)
 from .model import (STEP_TOKENS, KVCache, Layer, NativeConfig, NativeModel, Precision, allocate_cache, early_exit,
                     matmul_weights, rope_tables, streamed_bytes)
 from .pack import onednn_weight, pack_like, pack_weight_like, round_blocks, with_int8
@@ -26,8 +27,8 @@ from .runner import NativeRunner
 
 _matmul_weights = matmul_weights  # the name tests/test_kernels.py uses
 
-__all__ = ["gguf", "GreedyBatch", "greedy_batch", "config_supported", "context_length", "from_hf", "hf_layer", "supports",
-           "bf16_supported", "fastest_dtype", "fp16_supported", "resolve_dtype", "apply_rope", "blocks",
+__all__ = ["gguf", "GreedyBatch", "greedy_batch", "config_supported", "context_length", "from_hf", "hf_config", "hf_layer", "supports",
+           "bf16_supported", "fastest_dtype", "fp16_supported", "resolve_dtype", "apply_rope", "blocks", "decoder_layer", "mlp", "project_qkv",
            "final_norm", "forward", "head_logits", "linear", "project", "rms_norm", "STEP_TOKENS", "KVCache",
            "Layer", "NativeConfig", "NativeModel", "Precision", "allocate_cache", "early_exit", "matmul_weights", "rope_tables",
            "streamed_bytes", "onednn_weight", "pack_like", "pack_weight_like", "round_blocks", "with_int8",

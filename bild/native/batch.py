@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .forward import apply_rope, final_norm, forward, linear, mlp, project, rms_norm
+from .forward import decoder_layer, final_norm, forward, linear, project, project_qkv
 from .model import KVCache, Layer, NativeConfig, NativeModel
 
 
@@ -29,13 +29,12 @@ def batch_attention(layer: Layer, x: Tensor, k_cache: Tensor, v_cache: Tensor, p
                     rope: tuple[Tensor, Tensor], mask: Tensor, c: NativeConfig) -> Tensor:
     """x (B, dim): one new token per row, row b at its own position pos[b]; caches (B, H_kv, S, D)."""
     B, H, Hkv, D = x.shape[0], c.n_heads, c.n_kv_heads, c.head_dim
-    qkv = linear(x, layer.wqkv, layer.bqkv).view(B, H + 2 * Hkv, D)  # (B, H + 2 H_kv, D)
-    qk = apply_rope(qkv[:, :H + Hkv], *rope)  # (B, H + H_kv, D)
+    q, k, v = project_qkv(layer, x, rope, c)  # (B, H, D), (B, H_kv, D), (B, H_kv, D)
     rows = torch.arange(B)
-    k_cache[rows, :, pos] = qk[:, H:]  # (B, H_kv, D) into (B, H_kv, S, D) at (b, :, pos[b])
-    v_cache[rows, :, pos] = qkv[:, H + Hkv:]
+    k_cache[rows, :, pos] = k  # (B, H_kv, D) into (B, H_kv, S, D) at (b, :, pos[b])
+    v_cache[rows, :, pos] = v
     end = mask.shape[-1]
-    q = qk[:, :H].reshape(B, Hkv, H // Hkv, D)  # (B, H_kv, G, D), head h = kv * G + g
+    q = q.reshape(B, Hkv, H // Hkv, D)  # (B, H_kv, G, D), head h = kv * G + g
     y = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask)  # (B, H_kv, G, D)
     return linear(y.reshape(B, H * D), layer.wo, layer.bo)  # (B, dim)
 
@@ -49,8 +48,7 @@ def batch_step(model: NativeModel, cache: KVCache, ids: Tensor, pos: Tensor) -> 
     mask = (torch.arange(end) <= pos.unsqueeze(1)).view(len(pos), 1, 1, end)  # (B, 1, 1, end)
     x = F.embedding(ids, model.embed)  # (B, dim)
     for layer, k_cache, v_cache in zip(model.layers, cache.k, cache.v):
-        x = x + batch_attention(layer, rms_norm(x, layer.attn_norm, c.norm_eps), k_cache, v_cache, pos, rope, mask, c)
-        x = x + mlp(layer, rms_norm(x, layer.mlp_norm, c.norm_eps), c)
+        x = decoder_layer(layer, x, c, lambda h: batch_attention(layer, h, k_cache, v_cache, pos, rope, mask, c))  # noqa: B023
     return final_norm(model, x)  # (B, dim)
 
 

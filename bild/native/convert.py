@@ -57,14 +57,8 @@ def from_hf(hf_model, dtype: torch.dtype | None = None, pack: bool | None = None
     if weights == torch.float16 and pack is False:
         raise ValueError("float16 weights exist only packed for fbgemm; pack=False needs float32 or bfloat16")
     dtype = torch.float32 if weights == torch.float16 else weights  # activations
-    cfg, inner = hf_model.config, hf_model.model
-    attn = inner.layers[0].self_attn
-    head_dim = attn.q_proj.weight.shape[0] // cfg.num_attention_heads
-    config = NativeConfig(
-        n_layers=len(inner.layers), dim=cfg.hidden_size, n_heads=cfg.num_attention_heads,
-        n_kv_heads=cfg.num_key_value_heads, head_dim=head_dim, ffn_dim=inner.layers[0].mlp.up_proj.weight.shape[0],
-        vocab_size=hf_model.lm_head.weight.shape[0], max_length=context_length(cfg), norm_eps=inner.norm.variance_epsilon,
-    )
+    inner = hf_model.model
+    config = hf_config(hf_model)
     embed = _weight(inner.embed_tokens.weight, dtype)
     if weights == torch.float16:  # the lookup reads the rows a tied head packs: both fp16-rounded, stored fp32
         embed = embed.half().float()
@@ -82,6 +76,17 @@ def from_hf(hf_model, dtype: torch.dtype | None = None, pack: bool | None = None
     elif torch.backends.mkldnn.is_available() if pack is None else pack:
         model = pack_weights(model)
     return with_int8(model) if int8 else model
+
+
+def hf_config(hf_model) -> NativeConfig:
+    """The shape of a Hugging Face LLaMA-family model, read off its config and first layer."""
+    cfg, inner = hf_model.config, hf_model.model
+    head_dim = inner.layers[0].self_attn.q_proj.weight.shape[0] // cfg.num_attention_heads
+    return NativeConfig(
+        n_layers=len(inner.layers), dim=cfg.hidden_size, n_heads=cfg.num_attention_heads,
+        n_kv_heads=cfg.num_key_value_heads, head_dim=head_dim, ffn_dim=inner.layers[0].mlp.up_proj.weight.shape[0],
+        vocab_size=hf_model.lm_head.weight.shape[0], max_length=context_length(cfg), norm_eps=inner.norm.variance_epsilon,
+    )
 
 
 def _head(lm_head, embed_tokens, embed: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:

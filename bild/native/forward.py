@@ -59,17 +59,33 @@ def step_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = N
     return y[..., :1, :] if one else y
 
 
+def decoder_layer(layer: Layer, x: Tensor, c: NativeConfig, attend) -> Tensor:
+    """One LLaMA-family decoder layer, the one definition in Python (blocks.c computes the same): pre-norm
+    attention, then a pre-norm SwiGLU MLP, each added to the residual stream. attend(h) -> (..., T, dim) is the
+    attention over normed inputs h with its projections: what differs between a cached step, a batch of rows at
+    their own positions and a training pass."""
+    x = x + attend(rms_norm(x, layer.attn_norm, c.norm_eps))
+    return x + mlp(layer, rms_norm(x, layer.mlp_norm, c.norm_eps), c)
+
+
+def project_qkv(layer: Layer, x: Tensor, rope: tuple[Tensor, Tensor], c: NativeConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """x (..., T, dim) -> q (..., T, H, D) and k (..., T, H_kv, D), both rotated, and v (..., T, H_kv, D)."""
+    H, Hkv, D = c.n_heads, c.n_kv_heads, c.head_dim
+    qkv = linear(x, layer.wqkv, layer.bqkv).unflatten(-1, (H + 2 * Hkv, D))  # (..., T, H + 2 H_kv, D)
+    qk = apply_rope(qkv[..., :H + Hkv, :], *rope)  # (..., T, H + H_kv, D)
+    return qk[..., :H, :], qk[..., H:, :], qkv[..., H + Hkv:, :]
+
+
 def attention(layer: Layer, x: Tensor, k_cache: Tensor, v_cache: Tensor, start: int,
               rope: tuple[Tensor, Tensor], mask: Tensor | None, c: NativeConfig) -> Tensor:
     """GQA by folding each kv head's G query heads into the query axis: one SDPA per kv head, no expanded K/V.
     At T = 1 this is also a mask-free SDPA, several times faster on CPU than enable_gqa."""
     T, H, Hkv, D = x.shape[0], c.n_heads, c.n_kv_heads, c.head_dim
     G, end = H // Hkv, start + T
-    qkv = linear(x, layer.wqkv, layer.bqkv).view(T, H + 2 * Hkv, D)  # (T, H + 2 H_kv, D)
-    qk = apply_rope(qkv[:, :H + Hkv], *rope)  # (T, H + H_kv, D)
-    k_cache[0, :, start:end] = qk[:, H:].transpose(0, 1)  # (H_kv, T, D)
-    v_cache[0, :, start:end] = qkv[:, H + Hkv:].transpose(0, 1)  # (H_kv, T, D)
-    q = qk[:, :H].reshape(T, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * T, D)  # (1, H_kv, G * T, D)
+    q, k, v = project_qkv(layer, x, rope, c)  # (T, H, D), (T, H_kv, D), (T, H_kv, D)
+    k_cache[0, :, start:end] = k.transpose(0, 1)  # (H_kv, T, D)
+    v_cache[0, :, start:end] = v.transpose(0, 1)  # (H_kv, T, D)
+    q = q.reshape(T, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * T, D)  # (1, H_kv, G * T, D)
     invariant = T <= STEP_TOKENS and x.dtype == torch.bfloat16  # fp32 SDPA differs only in rounding
     attend = step_attention if invariant else F.scaled_dot_product_attention
     y = attend(q, k_cache[:, :, :end], v_cache[:, :, :end], attn_mask=mask)  # (1, H_kv, G * T, D)
@@ -78,8 +94,9 @@ def attention(layer: Layer, x: Tensor, k_cache: Tensor, v_cache: Tensor, start: 
 
 
 def mlp(layer: Layer, x: Tensor, c: NativeConfig) -> Tensor:
-    gate_up = linear(x, layer.w13, layer.b13).view(x.shape[0], 2, c.ffn_dim)  # (T, 2, F)
-    return linear(F.silu(gate_up[:, 0]) * gate_up[:, 1], layer.w2, layer.b2)  # (T, dim)
+    """x (..., T, dim) -> (..., T, dim): SwiGLU over the fused gate and up rows."""
+    gate_up = linear(x, layer.w13, layer.b13).unflatten(-1, (2, c.ffn_dim))  # (..., T, 2, F)
+    return linear(F.silu(gate_up[..., 0, :]) * gate_up[..., 1, :], layer.w2, layer.b2)  # (..., T, dim)
 
 
 @torch.inference_mode()
@@ -107,8 +124,7 @@ def blocks(model: NativeModel, cache: KVCache, x: Tensor, start: int) -> Tensor:
     rope = (model.cos[start:end].unsqueeze(1), model.sin[start:end].unsqueeze(1))  # (T, 1, D) each
     mask = group_mask(start, end, c.n_heads // c.n_kv_heads) if T > 1 else None  # one query sees the whole prefix
     for layer, k_cache, v_cache in zip(model.layers, cache.k, cache.v):
-        x = x + attention(layer, rms_norm(x, layer.attn_norm, c.norm_eps), k_cache, v_cache, start, rope, mask, c)
-        x = x + mlp(layer, rms_norm(x, layer.mlp_norm, c.norm_eps), c)
+        x = decoder_layer(layer, x, c, lambda h: attention(layer, h, k_cache, v_cache, start, rope, mask, c))  # noqa: B023
     return x
 
 
