@@ -1,0 +1,29 @@
+"""Drafting from the context itself (prompt lookup): no model runs, so these drafts cost nothing.
+
+Code answers repeat their prompt and themselves: signatures, docstrings, names, whole lines. Where the last n
+tokens of the sequence also stand earlier in it, the tokens that followed there are a likely continuation. They
+are proposed as drafts with q = one-hot on the proposed token (the proposal is deterministic), so speculative
+verification stays exact: a proposal x is accepted with probability min(1, p[x]), and a rejection resamples from
+norm(max(p - one_hot(x), 0)), which is p with x removed. Under bild a looked-up token is checked like a little one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def lookup(seq: list[int], sizes: tuple[int, ...], limit: int) -> list[int]:
+    """Up to `limit` tokens that followed the latest earlier occurrence of the last n tokens of seq, for the first
+    n in `sizes` (longest first is the sensible order) that has one; [] when none does."""
+    if limit < 1 or not sizes:
+        return []
+    arr = np.asarray(seq, dtype=np.int64)
+    for n in sizes:
+        if len(arr) <= n:
+            continue
+        windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # (L - n, n): window i is arr[i:i+n]
+        hits = np.flatnonzero((windows == arr[-n:]).all(axis=1))  # earlier starts of the last n tokens
+        if hits.size:
+            start = int(hits[-1]) + n  # the latest, so the continuation is the nearest text's
+            return arr[start:start + limit].tolist()
+    return []
