@@ -7,11 +7,12 @@
 #   recipe   aligned top-k KD + sequence KD, lr 1e-3 constant, batch 8, 200 steps, seed 0
 #   measure  10 held-out prompts x 128 new tokens, greedy, gamma 3, native engine, interleaved per prompt
 #
-# Every step resumes: re-run after an interruption. Output: $OUT/designs.md and designs.json.
+# Every step resumes: re-run after an interruption. Output: $OUT/designs.md and designs.json (the 2026-11-22 run
+# is in benchmarks/results/2026-11-22-avx512bf16-draft-sweep).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-OUT=${OUT:-benchmarks/results/draft-sweep}
+OUT=${OUT:-benchmarks/results/$(date +%F)-draft-sweep}
 RUN=${RUN:-runs/draft-sweep}
 TEACHER=${TEACHER:-runs/teacher_cal_bf16}
 HELDOUT=${HELDOUT:-runs/teacher_heldout_bf16}
