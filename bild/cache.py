@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
+from .config import ACTIVATIONS, ENGINES
 from .drafts import spec_of
 from .errors import BildError
 from .models import vocab_size
@@ -39,7 +40,7 @@ class HFRunner:
     @torch.inference_mode()
     def forward(self, ids: list[int], keep: int = 1) -> torch.Tensor:
         x = torch.tensor([ids], device=self.model.device)  # (1, T)
-        out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
+        out = self.model(input_ids=x, cache=self.cache, use_cache=True, logits_to_keep=keep)
         self.length += len(ids)
         return out.logits[0, -keep:].float()  # (keep, V)
 
@@ -65,7 +66,7 @@ class HFSeq2SeqRunner(HFRunner):
     def forward(self, ids: list[int], keep: int = 1) -> torch.Tensor:
         x = torch.tensor([ids], device=self.model.device)  # (1, T)
         out = self.model(encoder_outputs=self.encoder_outputs, decoder_input_ids=x,
-                         past_key_values=self.cache, use_cache=True)
+                         cache=self.cache, use_cache=True)
         self.length += len(ids)
         return out.logits[0, -keep:].float()  # (keep, V)
 
@@ -79,8 +80,6 @@ def context_length(model) -> int:
     return 512 if cfg.is_encoder_decoder else 2048
 
 
-ENGINES = ("auto", "hf", "native")
-ACTIVATIONS = ("fp32", "int8")  # what the products of a model on GGUF blocks take
 
 
 def make_runner(model, engine: str = "auto", share_with=None, activations: str = "fp32"):

@@ -77,7 +77,7 @@ def test_draft_steps_are_refused_for_drafts_without_features(big, tok, tmp_path)
 
 
 def test_export_measures_the_best_checkpoint_on_the_native_engine(big, trained, tok):
-    from bild.draft_cli import export
+    from bild.cli.draft import export
     draft, _, after, tmp = trained
     metrics = export(big, tok, str(tmp / "run"), str(tmp / "exported"), str(tmp / "heldout"))
     assert metrics["alpha"] == pytest.approx(after)  # training ends with an evaluation that saves the best
@@ -225,7 +225,7 @@ def test_running_ahead_by_more_than_one_token_is_refused(big, trained):
 def test_initialised_from_a_shallow_draft_it_computes_that_drafts_logits(big, tmp_path):
     """fc = [I; 0]: whatever the features, the feature draft starts as the shallow draft (module and native runner),
     so training starts from the shallow draft's agreement."""
-    from bild.draft_cli import build_from_shallow
+    from bild.cli.draft import build_from_shallow
     shallow = build_draft(big, DraftRecipe(kind="shallow", n_layers=2, init="first"))
     with torch.no_grad():
         for p in shallow.model.layers.parameters():

@@ -346,7 +346,7 @@ def test_shutdown_finishes_in_flight_requests(pair):
 
 
 # `bild serve` as the CLI runs it, without the other CLI plugins (work in progress elsewhere must not break this)
-SERVE = ("import argparse, sys; from bild.server import add_commands; p = argparse.ArgumentParser(prog='bild'); "
+SERVE = ("import argparse, sys; from bild.cli.serve import add_commands; p = argparse.ArgumentParser(prog='bild'); "
          "add_commands(p.add_subparsers()); a = p.parse_args(); sys.exit(a.handler(a))")
 
 

@@ -19,7 +19,7 @@ class Item:
 
 def load_items(spec: str, limit: int | None = None) -> list[Item]:
     if limit is not None and limit < 1:
-        raise BildError(f"--limit must be >= 1, got {limit}")
+        raise BildError(f"--limit must be >= 1, got {limit}", field="limit")
     if spec == "sharegpt":
         from ..data import heldout_prompts
         return [Item(f"heldout-{i:04d}", p) for i, p in enumerate(heldout_prompts(limit))]
@@ -32,7 +32,7 @@ def load_items(spec: str, limit: int | None = None) -> list[Item]:
         return [Item(p["task_id"], m, p) for p, m in zip(problems, humaneval_prompts(limit))]
     if spec.startswith("jsonl:"):
         return read_jsonl_items(spec.removeprefix("jsonl:"))[:limit]
-    raise BildError(f"unknown dataset {spec!r}; choose one of {', '.join(NAMES)}")
+    raise BildError(f"unknown dataset {spec!r}; choose one of {', '.join(NAMES)}", field="dataset")
 
 
 def read_jsonl_items(path: str) -> list[Item]:
@@ -41,7 +41,7 @@ def read_jsonl_items(path: str) -> list[Item]:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as e:
-        raise BildError(f"cannot read dataset {path}: {e}") from e
+        raise BildError(f"cannot read dataset {path}: {e}", field="dataset") from e
     items, seen = [], set()
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -49,19 +49,19 @@ def read_jsonl_items(path: str) -> list[Item]:
         try:
             obj = json.loads(line)
         except ValueError as e:
-            raise BildError(f"{path}:{n}: not JSON ({e})") from e
+            raise BildError(f"{path}:{n}: not JSON ({e})", field="dataset") from e
         items.append(_item(obj, f"{path}:{n}", default_id=str(len(items))))
         if items[-1].id in seen:
-            raise BildError(f"{path}:{n}: duplicate id {items[-1].id!r}")
+            raise BildError(f"{path}:{n}: duplicate id {items[-1].id!r}", field="dataset")
         seen.add(items[-1].id)
     if not items:
-        raise BildError(f"dataset {path} has no prompts")
+        raise BildError(f"dataset {path} has no prompts", field="dataset")
     return items
 
 
 def _item(obj, where: str, default_id: str) -> Item:
     if not isinstance(obj, dict):
-        raise BildError(f"{where}: expected an object with 'prompt' or 'messages'")
+        raise BildError(f"{where}: expected an object with 'prompt' or 'messages'", field="dataset")
     prompt = obj.get("prompt", obj.get("messages"))
     if isinstance(prompt, str) and prompt:
         pass
@@ -69,5 +69,6 @@ def _item(obj, where: str, default_id: str) -> Item:
             isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in prompt):
         pass
     else:
-        raise BildError(f"{where}: needs a non-empty string 'prompt' or a list of {{role, content}} 'messages'")
+        raise BildError(f"{where}: needs a non-empty string 'prompt' or a list of {{role, content}} 'messages'",
+                        field="dataset")
     return Item(str(obj.get("id", default_id)), prompt)

@@ -11,17 +11,25 @@ import copy
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
+from ..config import POLICIES, GenerationConfig
 from ..errors import BildError
 
-ENGINE = ("ar", "little", "speculative", "bild")
 HF = ("hf-generate", "hf-assisted", "hf-prompt-lookup")
+_SETTING = {f.name: {"int": int, "float": float, "bool": bool}.get(str(f.type)) for f in fields(GenerationConfig)}
+
+
+def _settings(*names: str) -> dict[str, type]:
+    """GenerationConfig settings a method's spec may give, with their types from the dataclass."""
+    return {name: _SETTING[name] for name in names}
+
+
 # method -> {parameter: type}, in the order labels print them
 PARAMS: dict[str, dict[str, type]] = {
     "ar": {}, "little": {},
-    "speculative": {"gamma": int, "adaptive": bool},
-    "bild": {"fallback": float, "rollback": float, "max_little": int},
+    "speculative": _settings("gamma", "adaptive"),
+    "bild": _settings("fallback", "rollback", "max_little"),
     "hf-generate": {}, "hf-assisted": {},
     "hf-prompt-lookup": {"prompt_lookup_num_tokens": int},
     "llamacpp": {},
@@ -36,13 +44,13 @@ class Method:
 
     def __post_init__(self):
         if self.name not in PARAMS:
-            raise BildError(f"unknown method {self.name!r}; choose one of {', '.join(PARAMS)}")
+            raise BildError(f"unknown method {self.name!r}; choose one of {', '.join(PARAMS)}", field="methods")
         for key, _ in self.params:
             if key not in PARAMS[self.name]:
                 allowed = ", ".join(PARAMS[self.name]) or "none"
-                raise BildError(f"method {self.name!r} has no parameter {key!r} (parameters: {allowed})")
-        if self.name in ENGINE:
-            from ..config import GenerationConfig
+                raise BildError(f"method {self.name!r} has no parameter {key!r} (parameters: {allowed})",
+                                field="methods")
+        if self.name in POLICIES:
             GenerationConfig(policy=self.name, **self.kwargs)  # range checks live in one place
 
     @property
@@ -66,7 +74,7 @@ def parse_method(spec: str) -> Method:
     """'bild', 'speculative:gamma=4', 'speculative:adaptive', 'bild:fallback=0.5,rollback=inf' -> Method."""
     name, colon, rest = spec.strip().partition(":")
     if name not in PARAMS:
-        raise BildError(f"unknown method {name!r} in {spec!r}; choose one of {', '.join(PARAMS)}")
+        raise BildError(f"unknown method {name!r} in {spec!r}; choose one of {', '.join(PARAMS)}", field="methods")
     values: dict[str, object] = {}
     for part in [p.strip() for p in rest.split(",") if p.strip()]:
         key, eq, raw = part.partition("=")
@@ -74,12 +82,12 @@ def parse_method(spec: str) -> Method:
         kind = PARAMS[name].get(key)
         if kind is None:
             allowed = ", ".join(PARAMS[name]) or "none"
-            raise BildError(f"method {name!r} has no parameter {key!r} (parameters: {allowed})")
+            raise BildError(f"method {name!r} has no parameter {key!r} (parameters: {allowed})", field="methods")
         if key in values:
-            raise BildError(f"parameter {key!r} given twice in {spec!r}")
+            raise BildError(f"parameter {key!r} given twice in {spec!r}", field="methods")
         values[key] = _convert(kind, raw.strip() if eq else None, key, spec)
     if colon and not values:
-        raise BildError(f"empty parameter list in {spec!r}")
+        raise BildError(f"empty parameter list in {spec!r}", field="methods")
     return _make(name, values)
 
 
@@ -93,16 +101,16 @@ def _convert(kind: type, raw: str | None, key: str, spec: str):
             return True
         if raw.lower() in ("0", "false", "no"):
             return False
-        raise BildError(f"{key} in {spec!r} is a flag: write {key} or {key}=false")
+        raise BildError(f"{key} in {spec!r} is a flag: write {key} or {key}=false", field="methods")
     if raw is None or raw == "":
-        raise BildError(f"{key} in {spec!r} needs a value: {key}=...")
+        raise BildError(f"{key} in {spec!r} needs a value: {key}=...", field="methods")
     try:
         value = kind(raw)
     except ValueError:
         raise BildError(f"{key} in {spec!r} must be {'an integer' if kind is int else 'a number'}, "
-                        f"got {raw!r}") from None
+                        f"got {raw!r}", field="methods") from None
     if kind is float and math.isnan(value):
-        raise BildError(f"{key} in {spec!r} must be a number, got {raw!r}")
+        raise BildError(f"{key} in {spec!r} must be a number, got {raw!r}", field="methods")
     return value
 
 
@@ -123,7 +131,7 @@ def available(method: Method) -> str | None:
 
 def run(bl, method: Method, prompt, max_new_tokens: int) -> dict:
     """Generate once; return the timing and counter fields of a record (text and token ids included)."""
-    if method.name in ENGINE:
+    if method.name in POLICIES:
         return _run_engine(bl, method, prompt, max_new_tokens)
     if method.name in HF:
         return _run_hf(bl, method, prompt, max_new_tokens)
@@ -152,7 +160,7 @@ def _run_hf(bl, method: Method, prompt, max_new_tokens: int) -> dict:
     if method.name == "hf-assisted":
         if bl.little_runner.needs_big:
             raise BildError("hf-assisted needs a Hugging Face little model; this one reads the big model's "
-                            "features and runs only in bild's native engine")
+                            "features and runs only in bild's native engine", field="little")
         kwargs["assistant_model"] = little
     if method.name == "hf-prompt-lookup":
         kwargs["prompt_lookup_num_tokens"] = {**DEFAULTS[method.name], **method.kwargs}["prompt_lookup_num_tokens"]
@@ -213,9 +221,9 @@ def _run_llamacpp(bl, prompt, max_new_tokens: int) -> dict:
     import torch
     from llama_cpp import Llama
 
-    path = getattr(bl, "gguf_path", None)
+    path = bl.big_file
     if not path or not os.path.isfile(path):
-        raise BildError("llamacpp needs --big to be a .gguf file or a GGUF alias")
+        raise BildError("llamacpp needs --big to be a .gguf file or a GGUF alias", field="big")
     threads = torch.get_num_threads()
     if (path, threads) not in _LLAMA:
         _LLAMA[path, threads] = Llama(model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads,

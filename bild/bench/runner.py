@@ -63,7 +63,7 @@ def check_run(out_dir: str, settings: dict) -> None:
         if diff:
             raise BildError(f"{out_dir} holds records made with different settings "
                             f"({', '.join(f'{k}: {old.get(k)!r} then, {settings.get(k)!r} now' for k in diff)}); "
-                            "use another -o directory")
+                            "use another -o directory", field="out")
         return
     with open(path, "w") as f:
         json.dump(settings, f, indent=2)
@@ -77,7 +77,7 @@ def check_params(records: list[dict], methods: list[M.Method]) -> None:
     by_label = {m.label: m.kwargs for m in methods}
     for r in records:
         if r["method"] in by_label and r.get("params", {}) != _jsonable(by_label[r["method"]]):
-            raise BildError(f"records for {r['method']} were made with parameters {r.get('params')}")
+            raise BildError(f"records for {r['method']} were made with parameters {r.get('params')}", field="out")
 
 
 def machine() -> dict:

@@ -14,9 +14,9 @@ def parse_floats(text: str, name: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise BildError(f"--{name} takes comma-separated numbers, got {text!r}") from None
+        raise BildError(f"--{name} takes comma-separated numbers, got {text!r}", field=name) from None
     if not values:
-        raise BildError(f"--{name} is empty")
+        raise BildError(f"--{name} is empty", field=name)
     return values
 
 
@@ -97,17 +97,17 @@ def parse_budget(text: str) -> Budget:
     """'rouge_l>=0.9', 'bleu>=40', 'identical>=0.5', 'ppl<=+3%' (relative to ar) or 'ppl<=12'."""
     m = _BUDGET.match(text)
     if not m:
-        raise BildError(f"cannot parse budget {text!r}; examples: rouge_l>=0.9, bleu>=40, ppl<=+3%")
+        raise BildError(f"cannot parse budget {text!r}; examples: rouge_l>=0.9, bleu>=40, ppl<=+3%", field="budget")
     metric, op, plus, value, percent = m.groups()
     if metric not in METRICS:
-        raise BildError(f"unknown budget metric {metric!r}; choose one of rouge_l, bleu, identical, ppl")
+        raise BildError(f"unknown budget metric {metric!r}; choose one of rouge_l, bleu, identical, ppl", field="budget")
     if op != METRICS[metric]:
         raise BildError(f"a {metric} budget is a {'lower' if METRICS[metric] == '>=' else 'upper'} bound: "
-                        f"use {metric}{METRICS[metric]}...")
+                        f"use {metric}{METRICS[metric]}...", field="budget")
     if (plus or percent) and metric != "ppl":
-        raise BildError(f"relative budgets (+N%) are for ppl only, not {metric}")
+        raise BildError(f"relative budgets (+N%) are for ppl only, not {metric}", field="budget")
     if plus and not percent:
-        raise BildError(f"write a relative perplexity budget as ppl<=+{value}%")
+        raise BildError(f"write a relative perplexity budget as ppl<=+{value}%", field="budget")
     metric = "identical_to_ar" if metric == "identical" else metric
     return Budget(metric, op, float(value), relative=bool(percent))
 

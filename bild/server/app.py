@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from ..config import GenerationConfig
 from ..errors import BildError
 from .monitor import Monitor
-from .schema import OVERRIDES, ApiError, ChatRequest, CompletionRequest, Reply, Sampling
+from .schema import ApiError, ChatRequest, CompletionRequest, Reply, Sampling, request_field
 from .worker import Job, QueueFull, Stopped, Worker, is_bad_input
 
 log = logging.getLogger("bild.server")
@@ -35,9 +35,9 @@ class ServerConfig:
 
     def __post_init__(self):
         if not self.model_name:
-            raise BildError("the model name must not be empty")
+            raise BildError("the model name must not be empty", field="model_name")
         if not isinstance(self.queue_size, int) or self.queue_size < 1:
-            raise BildError(f"queue size must be an integer >= 1, got {self.queue_size!r}")
+            raise BildError(f"queue size must be an integer >= 1, got {self.queue_size!r}", field="queue_size")
         GenerationConfig(**self.defaults)
 
 
@@ -158,9 +158,7 @@ def _raise_if_error(event: tuple, chat: bool) -> None:
 def _api_error(e: Exception, chat: bool) -> ApiError:
     """A failed job: 400 when the request caused it, else 500 (logged; the worker carries on)."""
     if is_bad_input(e):
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        param = _param_of(message)
-        return ApiError(message, "messages" if chat and param == "prompt" else param)
+        return ApiError((str(e).splitlines() or [type(e).__name__])[0], _param_of(e, chat))
     log.error("generation failed", exc_info=e)
     return ApiError(f"generation failed: {type(e).__name__}", status=500, type="server_error",
                     code="generation_failed")
@@ -199,11 +197,10 @@ def _data(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def _param_of(message: str) -> str | None:
-    """The request field a GenerationConfig or prompt error is about."""
-    names = {"max_new_tokens": "max_tokens", **{k: k for k in OVERRIDES}, "prompt": "prompt",
-             "chat message": "messages", "token id": "prompt"}
-    return next((param for name, param in names.items() if name in message), None)
+def _param_of(e: BildError, chat: bool = False) -> str | None:
+    """The request field a BildError is about, from its field (a GenerationConfig setting or "prompt")."""
+    param = request_field(e.field)
+    return "messages" if chat and param == "prompt" else param
 
 
 def _error_response(e: ApiError) -> JSONResponse:
@@ -217,7 +214,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(BildError)
     async def bild_error(request, e: BildError):
-        return _error_response(ApiError(str(e), _param_of(str(e))))
+        return _error_response(ApiError(str(e), _param_of(e)))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):

@@ -4,19 +4,40 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..api import GenerationResult
 from ..config import GenerationConfig
 
 MAX_STOP = 16          # stop strings are checked after every token
 UNSUPPORTED = ("echo", "suffix", "logprobs", "top_logprobs", "best_of", "logit_bias", "tools", "functions")
+# GenerationConfig fields a request names otherwise (OpenAI's names), and what a request may send for a field
+REQUEST_NAMES = {"max_new_tokens": "max_tokens"}
+REQUEST_TYPES = {"stop": str | list[str]}
+# the API's own limits, beyond GenerationConfig's checks (OpenAI's temperature range; seeds that fit an int64)
+LIMITS = {"max_new_tokens": dict(ge=1), "temperature": dict(ge=0, le=2, allow_inf_nan=False),
+          "top_p": dict(gt=0, le=1, allow_inf_nan=False), "seed": dict(ge=-2**63, lt=2**63),
+          "fallback": dict(allow_inf_nan=False)}  # rollback may be Infinity: it disables rollback
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 # the GenerationConfig settings a request may override, under the same names (max_tokens is max_new_tokens)
-OVERRIDES = ("temperature", "top_p", "top_k", "seed", "stop", "policy", "fallback", "rollback", "gamma",
-             "max_little", "adaptive")
+OVERRIDES = tuple(f.name for f in fields(GenerationConfig) if f.name not in REQUEST_NAMES)
+
+
+def request_field(setting: str | None) -> str | None:
+    """The request field that carries a GenerationConfig setting (or an input such as "prompt")."""
+    return REQUEST_NAMES.get(setting, setting) if setting else None
+
+
+def _setting_fields() -> dict:
+    """A pydantic field for each GenerationConfig setting: optional (None: the server's default), typed like it."""
+    out = {}
+    for f in fields(GenerationConfig):
+        kind = REQUEST_TYPES.get(f.name) or _TYPES[str(f.type).removesuffix(" | None")]
+        out[request_field(f.name)] = (kind | None, Field(None, **LIMITS.get(f.name, {})))
+    return out
 
 
 class ApiError(Exception):
@@ -36,26 +57,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class Sampling(BaseModel):
-    """Fields shared by both endpoints; the bild fields (policy ... adaptive) are extensions."""
+class _Sampling(BaseModel):
+    """Fields shared by both endpoints: these, and one per GenerationConfig setting (see Sampling); the bild
+    settings (policy ... adaptive) are extensions."""
     model_config = ConfigDict(strict=True, extra="allow")
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    top_k: int | None = None
-    seed: int | None = Field(None, ge=-2**63, lt=2**63)
-    stop: str | list[str] | None = None
     n: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    policy: str | None = None
-    fallback: float | None = Field(None, allow_inf_nan=False)
-    rollback: float | None = None  # Infinity disables rollback
-    gamma: int | None = None
-    max_little: int | None = None
-    adaptive: bool | None = None
 
     def settings(self, defaults: dict) -> dict:
         """GenerationConfig keyword arguments: the server's defaults, overridden by this request."""
@@ -82,6 +92,9 @@ class Sampling(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+Sampling = create_model("Sampling", __base__=_Sampling, __module__=__name__, **_setting_fields())
 
 
 class CompletionRequest(Sampling):

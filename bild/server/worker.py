@@ -15,6 +15,12 @@ from dataclasses import dataclass, field
 
 from ..errors import BildError
 
+try:  # transformers renders chat templates with jinja2, and raises its TemplateError for messages they refuse
+    from jinja2 import TemplateError
+    _TEMPLATE_ERRORS: tuple[type[Exception], ...] = (TemplateError,)
+except ImportError:
+    _TEMPLATE_ERRORS = ()
+
 log = logging.getLogger("bild.server")
 
 
@@ -84,7 +90,7 @@ class Worker:
             self.monitor.cancelled.inc()
             return
         try:
-            ids = self.pair.encode(job.prompt)
+            ids = prompt_ids(self.pair, job.prompt)
             stream = self.pair.stream(ids, cancel=job.cancelled, **job.settings)  # ends within a round once set
             job.emit(("start", len(ids)))
             for piece in stream:
@@ -99,6 +105,18 @@ class Worker:
         job.emit(("done", stream.result))
 
 
+def prompt_ids(pair, prompt) -> list[int]:
+    """The prompt's token ids; what fails here is the prompt's fault: a BildError about the "prompt" field."""
+    try:
+        return pair.encode(prompt)
+    except BildError as e:
+        if e.field is None:
+            e.field = "prompt"
+        raise
+    except (UnicodeError, *_TEMPLATE_ERRORS) as e:  # text that does not encode; a chat template that refuses it
+        raise BildError((str(e).splitlines() or [type(e).__name__])[0], field="prompt") from e
+
+
 def is_bad_input(e: Exception) -> bool:
-    """Errors caused by the request itself: bad prompts, chat templates that reject the messages."""
-    return isinstance(e, (BildError, UnicodeError)) or type(e).__name__ == "TemplateError"
+    """Errors caused by the request itself (bad settings, bad prompts): BildErrors."""
+    return isinstance(e, BildError)

@@ -10,44 +10,58 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from .. import data, native
+from ..config import ENGINES
+from ..errors import BildError
 
 
 @dataclass(slots=True)
 class TeacherConfig:
+    """A teacher cache's settings. The metadata's help, choices and cli_default make `bild draft teacher`'s flags
+    (bild.cli.args.add_fields)."""
     out_dir: str
-    split: str = "calibration"        # calibration | heldout
-    n_prompts: int = 2000
+    split: str = field(default="calibration", metadata={"choices": ("calibration", "heldout")})
+    n_prompts: int = field(default=2000, metadata={"cli_default": 4000})
     max_prompt_tokens: int = 256
     max_new_tokens: int = 128
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata={"cli_default": 32})
     top_k: int = 32
     shard_batches: int = 8            # write a shard every this many batches (resume skips written shards)
-    max_shards: int | None = None     # stop after this many shards
-    engine: str = "auto"              # native (batched, in the precision users decode with) | hf
+    max_shards: int | None = field(default=None, metadata={"help": "stop after this many shards"})
+    engine: str = field(default="auto", metadata={
+        "choices": ENGINES, "help": "auto: the batched native engine in its fastest precision where supported "
+                                    "(LLaMA family), else the HF model"})
     dtype: torch.dtype | None = None  # native only; None: native.fastest_dtype() (bf16, else fp16 weights, else fp32)
-    features: bool = False            # native only: also keep the big model's final normed hidden states
-    source: str = "aligned"           # aligned: greedy continuations of prompts | text: calibration ShareGPT text
+    features: bool = field(default=False, metadata={
+        "help": "also store the big model's final hidden states (training data for feature drafts)"})
+    source: str = field(default="aligned", metadata={
+        "choices": ("aligned", "text"), "help": "aligned: the big model's greedy continuations of prompts; text: one "
+                                               "prefill over calibration ShareGPT text (--text-tokens of it), no "
+                                               "generation"})
     text_tokens: int = 1_000_000      # text: how many tokens, cut into max_prompt_tokens-long chunks
-    turns: str = "first"              # aligned calibration prompts: first human turns, or later ones (data.py)
+    turns: str = field(default="first", metadata={
+        "choices": ("first", "later"), "help": "aligned calibration prompts: first human turns, or the later turns "
+                                              "(each of at least 32 characters) on their own, as more prompts of "
+                                              "the same kind"})
 
     def __post_init__(self):
         if self.split not in ("calibration", "heldout"):
-            raise ValueError(f"split must be calibration or heldout, got {self.split!r}")
-        if self.engine not in ("auto", "native", "hf"):
-            raise ValueError(f"engine must be auto, native or hf, got {self.engine!r}")
+            raise BildError(f"split must be calibration or heldout, got {self.split!r}", field="split")
+        if self.engine not in ENGINES:
+            raise BildError(f"engine must be {', '.join(ENGINES)}, got {self.engine!r}", field="engine")
         if (self.features or self.source == "text") and self.engine == "hf":
-            raise ValueError("features and text caches come from the native engine; use engine auto or native")
+            raise BildError("features and text caches come from the native engine; use engine auto or native",
+                            field="engine")
         if self.source not in ("aligned", "text"):
-            raise ValueError(f"source must be aligned or text, got {self.source!r}")
+            raise BildError(f"source must be aligned or text, got {self.source!r}", field="source")
         if self.turns not in ("first", "later") or (self.split == "heldout" and self.turns != "first"):
-            raise ValueError(f"turns must be first or later (held-out: first, as the benchmarks use), "
-                             f"got {self.turns!r} for {self.split}")
+            raise BildError(f"turns must be first or later (held-out: first, as the benchmarks use), "
+                            f"got {self.turns!r} for {self.split}", field="turns")
 
 
 def encode_prompts(tokenizer, prompts, max_tokens: int) -> list[list[int]]:

@@ -19,12 +19,13 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from .. import native
+from ..errors import BildError
 from ..drafts.feature import FeatureDraft
 from ..drafts.recipe import trainable_parameters, unique_state
 from .evaluate import agreement
@@ -34,39 +35,52 @@ from .losses import feature_loss, pad_batch, student_logits, topk_kd_loss, vocab
 
 @dataclass(slots=True)
 class TrainConfig:
+    """A training run's settings. The metadata's help, choices, flag and cli_default make the flags of
+    `bild draft train|sweep` and `bild align` (bild.cli.args.add_fields)."""
     out_dir: str
-    teacher_dir: str | None = None     # aligned data (calibration teacher cache)
-    teacher_shards: int | None = None  # use only the first n shards of it (pins the data for reproduction)
-    heldout_dir: str | None = None     # held-out teacher cache for α
+    teacher_dir: str | None = field(default=None, metadata={  # aligned data (calibration teacher cache)
+        "cli_default": "runs/teacher_cal",
+        "help": "calibration teacher cache; several, comma-separated, are read in that order"})
+    teacher_shards: int | None = field(default=None, metadata={  # pins the data for reproduction
+        "help": "use only the first n calibration shards"})
+    heldout_dir: str | None = field(default=None, metadata={  # held-out teacher cache for α
+        "cli_default": "runs/teacher_heldout", "help": "held-out teacher cache (α)"})
     lr: float = 1e-3
-    warmup_steps: int = 5
-    schedule: str = "constant"         # constant | cosine (to lr/10 at max_steps)
+    warmup_steps: int = field(default=5, metadata={"flag": "--warmup", "help": "warm-up steps"})
+    schedule: str = field(default="constant", metadata={
+        "choices": ("constant", "cosine"), "help": "cosine: decay to lr/10 at --max-steps"})
     batch_size: int = 8                # sequences per step
     max_len: int = 256                 # text mode: tokens per sequence
-    data: str = "aligned"              # aligned | text | mix (recorded in the log)
-    aligned_every: int = 1             # with both data sources: every n-th step is aligned, the rest text
-    w_kd: float = 1.0                  # token-level KD weight
-    w_ce: float = 1.0                  # sequence-level KD weight (cross-entropy to the big model's greedy token)
-    w_reg: float = 1.0                 # feature drafts: smooth-L1 regression of the predicted features
-    fc_lr_scale: float = 1.0           # feature drafts: the fc's learning rate relative to lr (its feature half
-                                       # reads inputs ~14x the embedding's scale; see param_groups)
-    draft_steps: int = 1               # feature drafts: train the first n draft tokens of a round (HASS unroll);
-                                       # n > 1 also selects the best checkpoint by accept_est, not alpha
-    max_steps: int = 10_000_000
-    max_minutes: float = 10.0
-    eval_every_minutes: float = 2.0
-    ckpt_every_minutes: float = 5.0
+    data: str = field(default="aligned", metadata={  # recorded in the log
+        "choices": ("aligned", "text", "mix"),
+        "help": "aligned: cached big greedy outputs; text: ShareGPT with the big model online; mix: both"})
+    aligned_every: int = field(default=1, metadata={  # with both data sources: every n-th step is aligned
+        "cli_default": 2, "help": "mix: every n-th step is aligned"})
+    w_kd: float = field(default=1.0, metadata={"help": "token-level KD weight"})
+    w_ce: float = field(default=1.0, metadata={
+        "help": "sequence-level KD weight (cross-entropy to the big model's greedy token)"})
+    w_reg: float = field(default=1.0, metadata={"help": "feature drafts: weight of the feature regression"})
+    # the fc's feature half reads inputs ~14x the embedding's scale; see param_groups
+    fc_lr_scale: float = field(default=1.0, metadata={
+        "help": "feature drafts: the fc's learning rate as a multiple of --lr"})
+    draft_steps: int = field(default=1, metadata={
+        "help": "feature drafts: also train the 2nd..n-th draft token of a round on the draft's own features "
+                "(HASS); the best checkpoint is then chosen by accept_est"})
+    max_steps: int = field(default=10_000_000, metadata={"help": "stop after this many steps (reproducible)"})
+    max_minutes: float = field(default=10.0, metadata={"flag": "--minutes", "help": "training wall-time budget"})
+    eval_every_minutes: float = field(default=2.0, metadata={"flag": "--eval-every", "help": "minutes"})
+    ckpt_every_minutes: float = field(default=5.0, metadata={"flag": "--ckpt-every", "help": "minutes"})
     seed: int = 0
     threads: int = 2
     autocast: bool | None = None       # bf16 autocast on CPU; None: where the CPU has native bf16 (else emulated, slow)
 
     def __post_init__(self):
         if self.lr <= 0 or self.batch_size < 1 or self.fc_lr_scale <= 0 or self.draft_steps < 1:
-            raise ValueError("lr and fc_lr_scale must be > 0, batch_size and draft_steps >= 1")
+            raise BildError("lr and fc_lr_scale must be > 0, batch_size and draft_steps >= 1")
         if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"schedule must be constant or cosine, got {self.schedule!r}")
+            raise BildError(f"schedule must be constant or cosine, got {self.schedule!r}", field="schedule")
         if self.schedule == "cosine" and self.max_steps >= 10_000_000:
-            raise ValueError("a cosine schedule needs max_steps")
+            raise BildError("a cosine schedule needs max_steps", field="max_steps")
 
 
 @dataclass(slots=True)
