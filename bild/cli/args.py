@@ -48,7 +48,11 @@ def add_fields(parser: argparse.ArgumentParser, cls, names=None, *, skip=()) -> 
             raise TypeError(f"{cls.__name__}.{name}: no flag for a field of type {f.type}")
         if "choices" in meta:
             kwargs["choices"] = meta["choices"]
-        parser.add_argument(meta.get("flag", "--" + name.replace("_", "-")), **kwargs)
+            kwargs["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"
+        flag = meta.get("flag", "--" + name.replace("_", "-"))
+        if kwargs.get("action") != "store_true":
+            kwargs["metavar"] = kwargs.get("metavar", flag.lstrip("-").replace("-", "_").upper())
+        parser.add_argument(flag, **kwargs)
     return chosen
 
 
