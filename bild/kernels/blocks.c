@@ -8,7 +8,8 @@
    gguf's own dequantisation produces. Every (row t, output n) dot product runs the same instruction sequence
    whatever the number of rows T, so results are batch-invariant: a row gives bitwise the same output alone or
    among T. Built by bild/kernels/__init__.py with -O3 -mavx2 -mfma -fopenmp.  Rows of x go in
-   tiles of up to 8 against each block rebuilt in registers.
+   tiles of up to 8 against each block rebuilt in registers. GGUF's own layouts (Q4_K, Q6_K, Q5_0, Q8_0 with fp16
+   scales) are kquant.c's; model_forward below runs layers made of any of the kinds.
 
    int8 activations (optional, lossy; what llama.cpp computes): each row's 32-value block of x is rounded to
    xd * qx with xd = max |x| / 127 and qx in -127..127, and a block's product is an integer dot product, d * xd *
@@ -21,6 +22,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "kquant.h"
 
 #define QK 32
 #define Q4_BYTES 24
@@ -108,21 +111,22 @@ static void row(const float *x, int T, int K, const uint8_t *wrow, int kind, flo
    Rows of x go in chunks of about X_CHUNK_BYTES, a multiple of TILE rows, that stay in L2 while every weight row
    passes over them: a long prompt's x would otherwise stream from memory once per weight row. */
 #define X_CHUNK_BYTES (192 * 1024)
-static void linear_team(const float *x, int T, int K, const uint8_t *w, int N, int kind, float *y) {
+static void linear_team(const float *x, int T, int K, const uint8_t *w, int N, int kind, float *y, int ldy) {
     const size_t row_bytes = (size_t)(K / QK) * block_bytes(kind);
     int chunk = X_CHUNK_BYTES / (int)(sizeof(float) * K) / TILE * TILE;
     if (chunk < TILE) chunk = TILE;
     for (int t = 0; t < T; t += chunk) {
         const int rows = T - t < chunk ? T - t : chunk;
 #pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) row(x + (size_t)t * K, rows, K, w + (size_t)n * row_bytes, kind, y + (size_t)t * N + n, N);
+        for (int n = 0; n < N; n++)
+            row(x + (size_t)t * K, rows, K, w + (size_t)n * row_bytes, kind, y + (size_t)t * ldy + n, ldy);
     }
 }
 
 /* x (T, K) float32, w (N, K / 32, block bytes), y (T, N) float32; kind 4 = q4_1, 8 = q8_0. */
 void block_linear(const float *x, int T, int K, const uint8_t *w, int N, int kind, float *y, int threads) {
 #pragma omp parallel num_threads(threads)
-    linear_team(x, T, K, w, N, kind, y);
+    linear_team(x, T, K, w, N, kind, y, N);
 }
 
 /* ---- int8 activations ------------------------------------------------------------------------------------- */
@@ -232,7 +236,8 @@ static void row_int8(const xq_t *x, int T, int K, const uint8_t *wrow, int kind,
 
 /* y = x W^T with x rounded to int8 blocks into xq (room for T rows of K), shared among the team's threads; rows
    of xq go in L2-sized chunks, as in linear_team. */
-static void linear_int8_team(const float *x, int T, int K, const uint8_t *w, int N, int kind, float *y, xq_t *xq) {
+static void linear_int8_team(const float *x, int T, int K, const uint8_t *w, int N, int kind, float *y, int ldy,
+                             xq_t *xq) {
     const int nb = K / QK;
     const size_t row_bytes = (size_t)nb * block_bytes(kind);
 #pragma omp for schedule(static)
@@ -244,7 +249,8 @@ static void linear_int8_team(const float *x, int T, int K, const uint8_t *w, int
         const xq_t xt = {xq->q + (size_t)t * K, xq->d + (size_t)t * nb, xq->s + (size_t)t * nb};
         const int rows = T - t < chunk ? T - t : chunk;
 #pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) row_int8(&xt, rows, K, w + (size_t)n * row_bytes, kind, y + (size_t)t * N + n, N);
+        for (int n = 0; n < N; n++)
+            row_int8(&xt, rows, K, w + (size_t)n * row_bytes, kind, y + (size_t)t * ldy + n, ldy);
     }
 }
 
@@ -263,7 +269,7 @@ int block_linear_int8(const float *x, int T, int K, const uint8_t *w, int N, int
     const int ok = xq_alloc(&xq, T, K);
     if (ok) {
 #pragma omp parallel num_threads(threads)
-        linear_int8_team(x, T, K, w, N, kind, y, &xq);
+        linear_int8_team(x, T, K, w, N, kind, y, N, &xq);
     }
     xq_free(&xq);
     return ok ? 0 : -1;
@@ -280,9 +286,17 @@ typedef struct {
     float eps;
 } dims_t;
 
+/* One product's weights: the rows of up to MAX_SEGMENTS weights one after another (q | k | v, gate | up), each
+   of its own kind, writing consecutive output columns. */
+#define MAX_SEGMENTS 4
 typedef struct {
-    const uint8_t *w[4]; /* wqkv, wo, w13, w2 */
-    int kind[4];
+    const uint8_t *w;
+    int kind, rows;
+} segment_t;
+
+typedef struct {
+    segment_t seg[4][MAX_SEGMENTS]; /* wqkv, wo, w13, w2 */
+    int n_seg[4];
     const float *bias[4]; /* or NULL */
     const float *attn_norm, *mlp_norm;
     int int8; /* 1: the products take int8 activations */
@@ -412,10 +426,12 @@ static void attend(const float *q, const float *kc, const float *vc, int n_keys,
 }
 
 /* Per-layer scratch, shared by the team: h (T, dim), qkv (T, (H + 2 H_kv) D), y (T, max(H D, 2F)),
-   o (T, max(dim, F)), and x rounded to int8 for the products, xq (T, max(dim, H D, F)). */
+   o (T, max(dim, F)), and x rounded to int8 for the products, xq (T, max(dim, H D, F)) for q4_1 / q8_0 and kx
+   for GGUF's kinds. */
 typedef struct {
     float *h, *qkv, *y, *o;
     xq_t xq;
+    kx_t kx;
 } scratch_t;
 
 static int scratch_alloc(scratch_t *s, int T, const dims_t *c) {
@@ -425,16 +441,38 @@ static int scratch_alloc(scratch_t *s, int T, const dims_t *c) {
     s->qkv = malloc(sizeof(float) * (size_t)T * width);
     s->y = malloc(sizeof(float) * (size_t)T * (HD > 2 * c->ffn_dim ? HD : 2 * c->ffn_dim));
     s->o = malloc(sizeof(float) * (size_t)T * wide);
-    const int xq = xq_alloc(&s->xq, T, wide > HD ? wide : HD);
-    return s->h && s->qkv && s->y && s->o && xq;
+    const int xq = xq_alloc(&s->xq, T, wide > HD ? wide : HD), kx = kx_alloc(&s->kx, T, wide > HD ? wide : HD);
+    return s->h && s->qkv && s->y && s->o && xq && kx;
 }
 
-static void scratch_free(scratch_t *s) { free(s->h), free(s->qkv), free(s->y), free(s->o), xq_free(&s->xq); }
+static void scratch_free(scratch_t *s) {
+    free(s->h), free(s->qkv), free(s->y), free(s->o), xq_free(&s->xq), kx_free(&s->kx);
+}
 
-/* y = x W^T for the layer's weight i, in its activation precision. */
+/* y (T, N) = x W^T for the layer's product i, segment by segment, in its activation precision; ends in a barrier.
+   GGUF segments share x rounded once per block family (256 or 32 values). */
 static void layer_linear(const layer_t *L, int i, const float *x, int T, int K, int N, float *y, scratch_t *s) {
-    if (L->int8) linear_int8_team(x, T, K, L->w[i], N, L->kind[i], y, &s->xq);
-    else linear_team(x, T, K, L->w[i], N, L->kind[i], y);
+    int family = 0, col = 0;
+    for (int g = 0; g < L->n_seg[i]; g++) {
+        const segment_t *sg = &L->seg[i][g];
+        if (!kq_is_gguf(sg->kind)) { /* bild's q4_1 / q8_0: these end in a barrier */
+            if (L->int8) linear_int8_team(x, T, K, sg->w, sg->rows, sg->kind, y + col, N, &s->xq);
+            else linear_team(x, T, K, sg->w, sg->rows, sg->kind, y + col, N);
+        } else if (!L->int8) {
+            kq_linear_f32(x, T, K, sg->w, sg->rows, sg->kind, y + col, N);
+        } else {
+            if (kq_family(sg->kind) != family) {
+                if (family) {
+#pragma omp barrier
+                }
+                family = kq_family(sg->kind);
+                kq_quantise(x, T, K, family, &s->kx);
+            }
+            kq_linear_int8(&s->kx, T, K, sg->w, sg->rows, sg->kind, y + col, N);
+        }
+        col += sg->rows;
+    }
+#pragma omp barrier
 }
 
 /* x[t] += (o[t] + b) for every row t (b may be NULL). */
