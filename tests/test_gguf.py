@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from bild import BigLittle, BildError, native
+from bild import BigLittle, BildError, kernels, native
 from bild.native import gguf as G
 
 T = gguf.GGMLQuantizationType
@@ -112,6 +112,11 @@ def native_logits(model: native.NativeModel, ids: list[int]) -> torch.Tensor:
 
 
 IDS = [5, 77, 3, 250, 19, 64, 300, 8]
+# the types llama.cpp's Q4_K_M gives the 1.5B (K-quants) and the 0.5B (rows of 896 are not whole 256-blocks)
+LIKE_1_5B = {"attn_q": T.Q4_K, "attn_k": T.Q4_K, "attn_v": T.Q6_K, "attn_output": T.Q4_K, "ffn_gate": T.Q4_K,
+             "ffn_up": T.Q4_K, "ffn_down": T.Q6_K, "token_embd": T.Q4_K, "output": T.Q6_K}
+LIKE_0_5B = {"attn_q": T.Q5_0, "attn_k": T.Q5_0, "attn_v": T.Q8_0, "attn_output": T.Q5_0, "ffn_gate": T.Q5_0,
+             "ffn_up": T.Q5_0, "ffn_down": T.Q6_K, "token_embd": T.Q8_0}
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -124,6 +129,31 @@ def test_float32_file_matches_transformers(tmp_path, tied):
     torch.testing.assert_close(native_logits(m, IDS), hf_logits(model, IDS), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("types,tied", [(LIKE_1_5B, False), (LIKE_0_5B, True)], ids=["1.5B-like", "0.5B-like"])
+def test_quantised_file_matches_transformers_on_the_same_weights(tmp_path, types, tied):
+    model = tiny_qwen2(0, tied=tied)
+    write_gguf(model, tmp_path / "m.gguf", types=types)  # model now holds the dequantised blocks
+    want = hf_logits(model, IDS)
+    exact = G.load(str(tmp_path / "m.gguf"), int8=False)
+    assert all(isinstance(w, kernels.BlockWeight) for w in native.matmul_weights(exact))
+    assert all(layer.fused is not None for layer in exact.layers)  # whole layers run in the C kernels
+    torch.testing.assert_close(native_logits(exact, IDS), want, atol=2e-3, rtol=1e-3)
+    fast = native_logits(G.load(str(tmp_path / "m.gguf"), int8=True), IDS)  # activations rounded to int8
+    assert (fast - want).norm() < 0.1 * want.norm()  # rounding x to int8 per block: measured 3-5% here
+    assert not torch.equal(fast, native_logits(exact, IDS))
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_verifying_k_tokens_equals_k_steps_bitwise(tmp_path, int8):
+    write_gguf(tiny_qwen2(0), tmp_path / "m.gguf", types=LIKE_1_5B)
+    runner = native.NativeRunner(G.load(str(tmp_path / "m.gguf"), int8=int8))
+    runner.start(IDS)
+    runner.forward(IDS[:3])
+    steps = torch.cat([runner.forward([t]) for t in IDS[3:]])  # (5, V), one token at a time
+    runner.crop(3)
+    assert torch.equal(runner.forward(IDS[3:], keep=5), steps)
+
+
 def test_truncated_file_is_refused_before_any_kernel(tmp_path):
     path = tmp_path / "m.gguf"
     write_gguf(tiny_qwen2(0), path)
@@ -133,6 +163,19 @@ def test_truncated_file_is_refused_before_any_kernel(tmp_path):
         short.write_bytes(data[:cut])
         with pytest.raises(BildError, match="truncated|not a readable GGUF"):
             G.load(str(short))
+
+
+def test_unsupported_type_architecture_and_missing_tensor(tmp_path):
+    model = tiny_qwen2(0)
+    write_gguf(model, tmp_path / "q2.gguf", types={"ffn_up": T.Q2_K})
+    with pytest.raises(BildError, match=r"blk\.0\.ffn_up\.weight is Q2_K.*--engine hf"):
+        G.load(str(tmp_path / "q2.gguf"))
+    write_gguf(model, tmp_path / "gemma.gguf", arch="gemma")
+    with pytest.raises(BildError, match="architecture gemma.*--engine hf"):
+        G.load(str(tmp_path / "gemma.gguf"))
+    write_gguf(model, tmp_path / "hole.gguf", drop="blk.1.ffn_down.weight")
+    with pytest.raises(BildError, match=r"blk\.1\.ffn_down\.weight is missing"):
+        G.load(str(tmp_path / "hole.gguf"))
 
 
 def test_greedy_speculative_equals_ar_on_a_file_pair(tmp_path, tok):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .forward import decoder_layer, final_norm, forward, linear, project, project_qkv
+from .forward import decoder_layer, embedding, final_norm, forward, linear, project, project_qkv
 from .model import KVCache, Layer, NativeConfig, NativeModel
 
 
@@ -46,7 +46,7 @@ def batch_step(model: NativeModel, cache: KVCache, ids: Tensor, pos: Tensor) -> 
     end = int(pos.max()) + 1
     rope = (model.cos[pos].unsqueeze(1), model.sin[pos].unsqueeze(1))  # (B, 1, D) each
     mask = (torch.arange(end) <= pos.unsqueeze(1)).view(len(pos), 1, 1, end)  # (B, 1, 1, end)
-    x = F.embedding(ids, model.embed)  # (B, dim)
+    x = embedding(model, ids)  # (B, dim)
     for layer, k_cache, v_cache in zip(model.layers, cache.k, cache.v):
         x = decoder_layer(layer, x, c, lambda h: batch_attention(layer, h, k_cache, v_cache, pos, rope, mask, c))  # noqa: B023
     return final_norm(model, x)  # (B, dim)

@@ -25,6 +25,13 @@ def linear(x: Tensor, w: Tensor | torch.ScriptObject | BlockWeight, b: Tensor | 
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")  # packed weight, see pack_weights
 
 
+def embedding(model: NativeModel, ids: Tensor) -> Tensor:
+    """ids (T,) -> their embedding rows (T, dim), gathered exactly from blocks where the embedding is in blocks."""
+    if isinstance(model.embed, BlockWeight):
+        return kernels.embedding(model.embed, ids)
+    return F.embedding(ids, model.embed)
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return F.rms_norm(x, weight.shape, weight, eps)
 
@@ -105,7 +112,7 @@ def forward(model: NativeModel, cache: KVCache, ids: Tensor, start: int, keep: i
     """ids (T,) at positions start..start+T-1 -> float32 logits (keep, V) of the last `keep` positions.
     features: an optional (S, dim) buffer that receives the final normed hidden state of every fed position
     (rows start..start+T-1), the input of a feature-conditioned little model (bild/drafts/feature.py)."""
-    x = blocks(model, cache, F.embedding(ids, model.embed), start)  # (T, dim)
+    x = blocks(model, cache, embedding(model, ids), start)  # (T, dim)
     T = ids.shape[0]
     if features is None:
         return head_logits(model, x[T - keep:])  # (keep, V): the head only where logits are kept

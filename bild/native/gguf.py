@@ -160,7 +160,7 @@ def _matrix(f: Tensors, name: str, shape: tuple[int, int], int8: bool):
     if kind not in kernels.GGUF_KINDS:
         raise BildError(f"{f.path}: tensor {name} is {kind}, which the native kernels do not read "
                         f"(they read {', '.join(PLAIN_TYPES + tuple(kernels.GGUF_KINDS))}); {FALLBACK}")
-    w = kernels.from_gguf(torch.from_numpy(t.data), kind, shape)  # zero-copy over the memory map
+    w = kernels.from_gguf(t.data, kind, shape)  # zero-copy over the memory map
     return kernels.with_int8(w) if int8 else w
 
 
