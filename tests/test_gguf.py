@@ -189,3 +189,14 @@ def test_greedy_speculative_equals_ar_on_a_file_pair(tmp_path, tok):
         out = bl.generate([1, 7, 8], policy=policy, max_new_tokens=24, rollback=0.0)
         assert out.token_ids == ar.token_ids  # rollback 0 makes bild check every little token too
     assert bl.big is None and bl.engine == "NativeRunner"
+
+
+def test_a_files_index_is_read_once_and_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("BILD_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "m.gguf"
+    write_gguf(tiny_qwen2(0), path, types=LIKE_1_5B)
+    first = G.index(str(path))
+    monkeypatch.setattr(gguf, "GGUFReader", None)  # a later index or load must not parse the header again
+    G._read.cache_clear()
+    assert G.index(str(path)) == first and first["architecture"] == "qwen2" and "Q4_K" in first["types"]
+    assert G.load(str(path)).config.n_layers == 2

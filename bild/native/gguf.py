@@ -12,6 +12,7 @@ transformers (bild.models), which undoes it.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from .. import kernels
 from ..errors import BildError
+from ..files import keyed_path, write_quietly
 from .model import Layer, NativeConfig, NativeModel, Precision, rope_tables
 
 ARCHITECTURES = ("qwen2",)
@@ -29,41 +31,83 @@ FALLBACK = "use --engine hf (engine=\"hf\") to load it through transformers, whi
 
 
 @dataclass(frozen=True, slots=True)
+class Tensor_:
+    """One tensor of a GGUF file: its type name, shape in PyTorch order and bytes (a view of the memory map)."""
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    data: np.ndarray  # uint8, the tensor's n_bytes
+
+    def values(self) -> np.ndarray:
+        """A plain tensor's values as float32, shaped."""
+        dtype = np.float32 if self.kind == "F32" else np.float16
+        return self.data.view(dtype).astype(np.float32).reshape(self.shape)
+
+
+@dataclass(frozen=True, slots=True)
 class Tensors:
-    """A GGUF file's tensors by name, as (type name, shape in PyTorch order, raw bytes or values)."""
+    """A GGUF file's scalar metadata and its tensors by name."""
     path: str
     arch: str
     meta: dict
-    tensors: dict  # name -> gguf ReaderTensor
+    tensors: dict  # name -> Tensor_
 
-    def get(self, name: str):
+    def get(self, name: str) -> Tensor_:
         if name not in self.tensors:
             raise BildError(f"{self.path}: tensor {name} is missing; the file is not a complete {self.arch} model")
         return self.tensors[name]
 
 
-def read(path: str) -> Tensors:
-    """Open and check a GGUF file: every tensor lies inside the file, with as many bytes as its type and shape need.
-    Parsing the header takes seconds (it holds the whole vocabulary), so an unchanged file is read once."""
-    stat = os.stat(path)
-    return _read(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+def index(path: str) -> dict:
+    """{"architecture", "types", "meta", "tensors": [[name, type, shape, offset, bytes], ...]} of a GGUF file,
+    every tensor checked to lie inside it. gguf's GGUFReader takes seconds over a header that holds a whole
+    vocabulary, so the index is kept in the user's cache, keyed by the file's size and time."""
+    record = keyed_path("gguf-index", path) + ".json"
+    try:
+        with open(record) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
+    found = _index(path)
+    write_quietly(record, json.dumps(found))
+    return found
 
 
-@functools.lru_cache(maxsize=4)
-def _read(path: str, size: int, mtime: int) -> Tensors:
+def _index(path: str) -> dict:
     from gguf import GGUFReader
 
     try:
         reader = GGUFReader(path)
     except Exception as e:  # truncated headers, unknown types and short tensors all surface here
         raise BildError(f"{path} is not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from e
+    size = os.path.getsize(path)
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
             raise BildError(f"{path}: tensor {t.name} ({t.tensor_type.name}) runs past the end of the file "
                             f"({t.data_offset} + {t.n_bytes} > {size} bytes): the file is truncated")
     meta = {f.name: _value(f) for f in reader.fields.values()}
-    arch = str(meta.get("general.architecture", ""))
-    return Tensors(path, arch, meta, {t.name: t for t in reader.tensors})
+    tensors = [[t.name, t.tensor_type.name, [int(d) for d in reversed(t.shape.tolist())], int(t.data_offset),
+                int(t.n_bytes)] for t in reader.tensors]
+    return {"architecture": str(meta.get("general.architecture") or ""), "types": sorted({t[1] for t in tensors}),
+            "meta": {k: v for k, v in meta.items() if v is not None}, "tensors": tensors}
+
+
+def read(path: str) -> Tensors:
+    """A GGUF file's tensors as views of one read-only memory map; an unchanged file is mapped once."""
+    stat = os.stat(path)
+    return _read(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _read(path: str, size: int, mtime: int) -> Tensors:
+    found = index(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    tensors = {}
+    for name, kind, shape, offset, n_bytes in found["tensors"]:
+        if offset + n_bytes > data.size:  # the index was checked; the file could have changed under its key
+            raise BildError(f"{path}: tensor {name} runs past the end of the file: the file is truncated")
+        tensors[name] = Tensor_(name, kind, tuple(shape), data[offset:offset + n_bytes])
+    return Tensors(path, found["architecture"], found["meta"], tensors)
 
 
 def _value(field):
@@ -94,7 +138,7 @@ def config(f: Tensors, max_length: int | None = None) -> tuple[NativeConfig, flo
     embed = f.get("token_embd.weight")
     cfg = NativeConfig(n_layers=int(need("block_count")), dim=dim, n_heads=heads,
                        n_kv_heads=int(f.meta.get(f"{a}.attention.head_count_kv", heads)), head_dim=dim // heads,
-                       ffn_dim=int(need("feed_forward_length")), vocab_size=int(embed.shape[1]),
+                       ffn_dim=int(need("feed_forward_length")), vocab_size=int(embed.shape[0]),
                        max_length=min(length, max_length or length),
                        norm_eps=float(need("attention.layer_norm_rms_epsilon")))
     scaling = f.meta.get(f"{a}.rope.scaling.type")
@@ -152,11 +196,11 @@ def _stack(weights: list):
 def _matrix(f: Tensors, name: str, shape: tuple[int, int], int8: bool):
     """A matmul weight (N, K) as the file holds it: blocks for quantised types, float32 for plain ones."""
     t = f.get(name)
-    kind = t.tensor_type.name
-    if tuple(int(d) for d in reversed(t.shape.tolist())) != shape:
-        raise BildError(f"{f.path}: tensor {name} has shape {tuple(reversed(t.shape.tolist()))}, expected {shape}")
+    kind = t.kind
+    if t.shape != shape:
+        raise BildError(f"{f.path}: tensor {name} has shape {t.shape}, expected {shape}")
     if kind in PLAIN_TYPES:
-        return torch.from_numpy(np.asarray(t.data, dtype=np.float32).reshape(shape).copy())
+        return torch.from_numpy(t.values())
     if kind not in kernels.GGUF_KINDS:
         raise BildError(f"{f.path}: tensor {name} is {kind}, which the native kernels do not read "
                         f"(they read {', '.join(PLAIN_TYPES + tuple(kernels.GGUF_KINDS))}); {FALLBACK}")
@@ -166,7 +210,6 @@ def _matrix(f: Tensors, name: str, shape: tuple[int, int], int8: bool):
 
 def _vector(f: Tensors, name: str, n: int) -> Tensor:
     t = f.get(name)
-    if t.tensor_type.name not in PLAIN_TYPES or int(t.n_elements) != n:
-        raise BildError(f"{f.path}: tensor {name} is {t.tensor_type.name} of {t.n_elements} values, "
-                        f"expected {n} float32 values")
-    return torch.from_numpy(np.asarray(t.data, dtype=np.float32).reshape(n).copy())
+    if t.kind not in PLAIN_TYPES or t.shape != (n,):
+        raise BildError(f"{f.path}: tensor {name} is {t.kind} of shape {t.shape}, expected {n} float32 values")
+    return torch.from_numpy(t.values())
