@@ -97,6 +97,27 @@ static inline float vf_hsum(vf a) {
     const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
     return hsum8(_mm256_add_ps(_mm512_castps512_ps256(a), hi));
 }
+/* vb: 64 bytes (values 0..31 in the low half, 32..63 in the high half). */
+typedef __m512i vb;
+static inline vb vb_nibbles(const uint8_t *p, int high) { /* 64 bytes' low or high nibbles */
+    const __m512i v = _mm512_loadu_si512(p);
+    return _mm512_and_si512(high ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(0x0F));
+}
+static inline vb vb_halves(const uint8_t *p, int s0, int s1, int mask) { /* 32 bytes >> s0, then >> s1, masked */
+    const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
+    const __m512i counts = _mm512_inserti64x4(_mm512_set1_epi16((short)s0), _mm256_set1_epi16((short)s1), 1);
+    return _mm512_and_si512(_mm512_srlv_epi16(v, counts), _mm512_set1_epi8((char)mask));
+}
+static inline vb vb_or(vb a, vb b) { return _mm512_or_si512(a, b); }
+static inline vb vb_sll4(vb a) { return _mm512_slli_epi16(a, 4); } /* bytes < 16 only */
+/* 32 int16 scales: element e = s[idx(e)] with s 16 int16 in a 256-bit vector */
+static inline vi vi_pick(__m256i s16, const int16_t idx[32]) {
+    return _mm512_permutexvar_epi16(_mm512_loadu_si512(idx), _mm512_castsi256_si512(s16));
+}
+/* acc + per lane l: sum over e in {2l, 2l+1} of scale[e] * (q[2e] x[2e] + q[2e+1] x[2e+1]), q unsigned bytes */
+static inline vi vi_dotb(vi acc, vb q, const int8_t *x, vi scale) {
+    return _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(q, _mm512_loadu_si512(x)), scale);
+}
 #else
 #if defined(__AVXVNNI__)
 #define KQ_ISA "avxvnni"
@@ -155,6 +176,31 @@ static inline vf vf_fma(vf acc, const float *w, const float *x) {
                 _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), _mm256_loadu_ps(x + 8), acc.hi)};
 }
 static inline float vf_hsum(vf a) { return hsum8(_mm256_add_ps(a.lo, a.hi)); }
+typedef struct { __m256i lo, hi; } vb;
+static inline vb vb_nibbles(const uint8_t *p, int high) {
+    const __m256i m = _mm256_set1_epi8(0x0F), a = _mm256_loadu_si256((const __m256i *)p),
+                  b = _mm256_loadu_si256((const __m256i *)(p + 32));
+    return high ? (vb){_mm256_and_si256(_mm256_srli_epi16(a, 4), m), _mm256_and_si256(_mm256_srli_epi16(b, 4), m)}
+                : (vb){_mm256_and_si256(a, m), _mm256_and_si256(b, m)};
+}
+static inline vb vb_halves(const uint8_t *p, int s0, int s1, int mask) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p), m = _mm256_set1_epi8((char)mask);
+    return (vb){_mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(s0)), m),
+                _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(s1)), m)};
+}
+static inline vb vb_or(vb a, vb b) { return (vb){_mm256_or_si256(a.lo, b.lo), _mm256_or_si256(a.hi, b.hi)}; }
+static inline vb vb_sll4(vb a) { return (vb){_mm256_slli_epi16(a.lo, 4), _mm256_slli_epi16(a.hi, 4)}; }
+static inline vi vi_pick(__m256i s16, const int16_t idx[32]) { /* idx runs in aligned groups of 8 */
+    int16_t s[16];
+    _mm256_storeu_si256((__m256i *)s, s16);
+    return (vi){_mm256_set_m128i(_mm_set1_epi16(s[idx[8]]), _mm_set1_epi16(s[idx[0]])),
+                _mm256_set_m128i(_mm_set1_epi16(s[idx[24]]), _mm_set1_epi16(s[idx[16]]))};
+}
+static inline vi vi_dotb(vi acc, vb q, const int8_t *x, vi scale) {
+    const __m256i p0 = _mm256_maddubs_epi16(q.lo, _mm256_loadu_si256((const __m256i *)x));
+    const __m256i p1 = _mm256_maddubs_epi16(q.hi, _mm256_loadu_si256((const __m256i *)(x + 32)));
+    return (vi){DOT256(acc.lo, p0, scale.lo), DOT256(acc.hi, p1, scale.hi)};
+}
 #endif
 
 const char *kq_isa(void) { return KQ_ISA; }
@@ -290,12 +336,14 @@ void kq_linear_f32(const float *x, int T, int K, const uint8_t *w, int N, int ki
 
 int kx_alloc(kx_t *x, int T, int K) {
     x->q = malloc(sizeof(int16_t) * (size_t)T * K);
+    x->q8 = malloc((size_t)T * K);
     x->d = malloc(sizeof(float) * (size_t)T * (K / 32));
     x->s = malloc(sizeof(float) * (size_t)T * (K / 32));
-    return x->q && x->d && x->s;
+    x->s16 = malloc(sizeof(float) * (size_t)T * (K / 16));
+    return x->q && x->q8 && x->d && x->s && x->s16;
 }
 
-void kx_free(kx_t *x) { free(x->q), free(x->d), free(x->s); }
+void kx_free(kx_t *x) { free(x->q), free(x->q8), free(x->d), free(x->s), free(x->s16); }
 
 static inline int hsum_i32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -303,18 +351,20 @@ static inline int hsum_i32(__m256i v) {
     return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
 }
 
-/* 16 values x * inv rounded half-even to int16 in order, and their sum as int32 lanes into *sum. */
-static inline void round16(const float *x, __m256 inv, int16_t *q, __m256i *sum) {
+/* 16 values x * inv rounded half-even, as int16 in order; stored as int16 (q) or int8 (q8); returns their sum. */
+static inline int round16(const float *x, __m256 inv, int16_t *q, int8_t *q8) {
     const int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     const __m256i n0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x), inv), mode));
     const __m256i n1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8), inv), mode));
     const __m256i v = _mm256_permute4x64_epi64(_mm256_packs_epi32(n0, n1), 0xD8); /* packs interleaves lanes */
-    _mm256_storeu_si256((__m256i *)q, v);
-    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(v, _mm256_set1_epi16(1)));
+    if (q) _mm256_storeu_si256((__m256i *)q, v);
+    else _mm_storeu_si128((__m128i *)q8, _mm_packs_epi16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+    return hsum_i32(_mm256_madd_epi16(v, _mm256_set1_epi16(1)));
 }
 
-/* One row x (K,) -> q (K,), d (K / F,), and for F = 256 s (K / 32,). The same code on every ISA build. */
-static void quantise_row(const float *x, int K, int F, int16_t *q, float *d, float *s) {
+/* One row x (K,) -> for F = 32: q (K,) and d (K / 32,); for F = 256: q8 (K,), d (K / 256,), s (K / 32,) and
+   s16 (K / 16,). The same code on every ISA build. */
+static void quantise_row(const float *x, int K, int F, int16_t *q, int8_t *q8, float *d, float *s, float *s16) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     for (int b = 0; b < K / F; b++) {
         const float *xb = x + (size_t)b * F;
@@ -325,11 +375,15 @@ static void quantise_row(const float *x, int K, int F, int16_t *q, float *d, flo
         const float big = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
         const float xd = big / 127.0f;
         const __m256 inv = _mm256_set1_ps(big > 0.0f ? 127.0f / big : 0.0f);
-        for (int j = 0; j < F / 32; j++) {
-            __m256i sum = _mm256_setzero_si256();
-            round16(xb + 32 * j, inv, q + (size_t)b * F + 32 * j, &sum);
-            round16(xb + 32 * j + 16, inv, q + (size_t)b * F + 32 * j + 16, &sum);
-            if (F == 256) s[b * 8 + j] = xd * (float)hsum_i32(sum);
+        if (F == 32) {
+            round16(xb, inv, q + (size_t)b * F, NULL), round16(xb + 16, inv, q + (size_t)b * F + 16, NULL);
+        } else {
+            for (int j = 0; j < 8; j++) {
+                const int s0 = round16(xb + 32 * j, inv, NULL, q8 + (size_t)b * F + 32 * j);
+                const int s1 = round16(xb + 32 * j + 16, inv, NULL, q8 + (size_t)b * F + 32 * j + 16);
+                s[b * 8 + j] = xd * (float)(s0 + s1);
+                s16[b * 16 + 2 * j] = xd * (float)s0, s16[b * 16 + 2 * j + 1] = xd * (float)s1;
+            }
         }
         d[b] = xd;
     }
@@ -338,48 +392,96 @@ static void quantise_row(const float *x, int K, int F, int16_t *q, float *d, flo
 void kq_quantise(const float *x, int T, int K, int family, kx_t *xq) {
 #pragma omp for schedule(static)
     for (int t = 0; t < T; t++)
-        quantise_row(x + (size_t)t * K, K, family, xq->q + (size_t)t * K, xq->d + (size_t)t * (K / family),
-                     family == 256 ? xq->s + (size_t)t * (K / 32) : NULL);
+        quantise_row(x + (size_t)t * K, K, family, xq->q + (size_t)t * K, xq->q8 + (size_t)t * K,
+                     xq->d + (size_t)t * (K / family), xq->s + (size_t)t * (K / 32), xq->s16 + (size_t)t * (K / 16));
 }
 
-/* The integer sum of one row's 256 values with 8 unpacked chunks w: two chains, added exactly. */
-static inline vi dot256(const vi w[8], const int16_t *xq) {
-    vi i0 = vi_dot(vi_zero(), w[0], xq), i1 = vi_dot(vi_zero(), w[1], xq + 32);
-    for (int c = 2; c < 8; c += 2) i0 = vi_dot(i0, w[c], xq + 32 * c), i1 = vi_dot(i1, w[c + 1], xq + 32 * c + 32);
+/* Scale pickers: element e of a chunk's 32 int16 scales (values 64c + 2e, +1) is sub-block scale idx[c][e]. */
+#define RUN8(v) v, v, v, v, v, v, v, v
+#define RUN16(v) RUN8(v), RUN8(v)
+static const int16_t Q4K_PICK[4][32] = {{RUN16(0), RUN16(1)}, {RUN16(2), RUN16(3)}, {RUN16(4), RUN16(5)},
+                                        {RUN16(6), RUN16(7)}};
+static const int16_t Q6K_PICK[4][32] = {{RUN8(0), RUN8(1), RUN8(2), RUN8(3)}, {RUN8(4), RUN8(5), RUN8(6), RUN8(7)},
+                                        {RUN8(8), RUN8(9), RUN8(10), RUN8(11)},
+                                        {RUN8(12), RUN8(13), RUN8(14), RUN8(15)}};
+
+/* ggml's get_scale_min_k4 on four words at once: the 12 scale bytes -> sc[0..8) in out[0..8), m in out[8..16). */
+static inline void q4k_scale_bytes(const uint8_t *s, uint8_t out[16]) {
+    uint32_t u[4];
+    memcpy(u, s, 12);
+    const uint32_t m6 = 0x3f3f3f3f, m4 = 0x0f0f0f0f, m2 = 0x03030303;
+    u[3] = ((u[2] >> 4) & m4) | (((u[1] >> 6) & m2) << 4); /* m[4..8) */
+    const uint32_t mins = u[1] & m6;                          /* m[0..4) */
+    u[1] = (u[2] & m4) | (((u[0] >> 6) & m2) << 4);           /* sc[4..8) */
+    u[2] = mins;
+    u[0] &= m6;                                               /* sc[0..4) */
+    memcpy(out, u, 16);
+}
+
+/* One row's integer sum over a super-block: 4 chunks of 64 unsigned weights q with int16 scales sc. */
+static inline vi dot256(const vb q[4], const vi sc[4], const int8_t *x) {
+    vi i0 = vi_dotb(vi_zero(), q[0], x, sc[0]), i1 = vi_dotb(vi_zero(), q[1], x + 64, sc[1]);
+    i0 = vi_dotb(i0, q[2], x + 128, sc[2]), i1 = vi_dotb(i1, q[3], x + 192, sc[3]);
     return vi_add32(i0, i1);
 }
 
-/* One Q4_K / Q6_K weight row against R <= TILE rows of x (x->q rows K apart, d rows K / 256, s rows K / 32). */
-static void row_k_int8(const kx_t *x, int R, int K, const uint8_t *wrow, int kind, float *y, int ldy) {
-    const int nb = K / 256, bytes = kind_bytes(kind), q4 = kind == KIND_GGUF_Q4_K;
+/* One Q4_K weight row against R <= TILE rows of x (q8 rows K apart, d rows K / 256, s rows K / 32). */
+static void row_q4k_int8(const kx_t *x, int R, int K, const uint8_t *wrow, float *y, int ldy) {
+    const int nb = K / 256;
     vf acc[TILE];
-    __m256 macc[TILE];
+    __m256 macc[TILE]; /* the mins' 8 lanes */
     for (int r = 0; r < R; r++) acc[r] = vf_zero(), macc[r] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = wrow + (size_t)b * bytes;
-        prefetch_block(blk, bytes);
-        vi w[8];
-        float d;
-        __m256 mins = _mm256_setzero_ps(); /* dmin m_j */
-        if (q4) {
-            int sc[8], m[8];
-            q4k_scales(blk + 4, sc, m);
-            d = f16(blk);
-            const float dmin = f16(blk + 2);
-            float mf[8];
-            for (int c = 0; c < 8; c++) w[c] = vi_scale(q4k_chunk(blk + 16, c), sc[c], sc[c]), mf[c] = dmin * (float)m[c];
-            mins = _mm256_loadu_ps(mf);
-        } else {
-            const int8_t *sc = (const int8_t *)(blk + 192);
-            d = f16(blk + 208);
-            for (int c = 0; c < 8; c++) w[c] = vi_scale(q6k_chunk(blk, blk + 128, c), sc[2 * c], sc[2 * c + 1]);
-        }
+        const uint8_t *blk = wrow + (size_t)b * 144;
+        prefetch_block(blk, 144);
+        uint8_t sm[16];
+        q4k_scale_bytes(blk + 4, sm);
+        const __m256i s16 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)sm));
+        vb q[4];
+        vi sc[4];
+        for (int c = 0; c < 4; c++) q[c] = vb_halves(blk + 16 + 32 * c, 0, 4, 0x0F), sc[c] = vi_pick(s16, Q4K_PICK[c]);
+        const float d = f16(blk);
+        const __m256 mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sm + 8)))),
+                                          _mm256_set1_ps(f16(blk + 2))); /* dmin m_j, exact */
         for (int r = 0; r < R; r++) {
-            acc[r] = vf_fma_i(acc[r], dot256(w, x->q + (size_t)r * K + (size_t)b * 256), d * x->d[(size_t)r * nb + b]);
-            if (q4) macc[r] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(x->s + ((size_t)r * nb + b) * 8), macc[r]);
+            const size_t rb = (size_t)r * nb + b;
+            acc[r] = vf_fma_i(acc[r], dot256(q, sc, x->q8 + (size_t)r * K + (size_t)b * 256), d * x->d[rb]);
+            macc[r] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(x->s + rb * 8), macc[r]);
         }
     }
-    for (int r = 0; r < R; r++) y[(size_t)r * ldy] = q4 ? vf_hsum(acc[r]) - hsum8(macc[r]) : vf_hsum(acc[r]);
+    for (int r = 0; r < R; r++) y[(size_t)r * ldy] = vf_hsum(acc[r]) - hsum8(macc[r]);
+}
+
+/* One Q6_K weight row against R <= TILE rows of x (q8 rows K apart, d rows K / 256, s16 rows K / 16). The
+   weights go in unsigned (q in 0..63); the offset 32 d sc_g times each 16 values' sum goes in 16 more lanes. */
+static void row_q6k_int8(const kx_t *x, int R, int K, const uint8_t *wrow, float *y, int ldy) {
+    const int nb = K / 256;
+    vf acc[TILE], oacc[TILE];
+    for (int r = 0; r < R; r++) acc[r] = oacc[r] = vf_zero();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = wrow + (size_t)b * 210, *ql = blk, *qh = blk + 128;
+        prefetch_block(blk, 210);
+        const __m128i s8 = _mm_loadu_si128((const __m128i *)(blk + 192));
+        const __m256i s16 = _mm256_cvtepi8_epi16(s8);
+        vb q[4];
+        vi sc[4];
+        for (int c = 0; c < 4; c++) {
+            const int h = c / 2, u = c % 2; /* values 128 h + 64 u + (0..63) */
+            q[c] = vb_or(vb_nibbles(ql + 64 * h, u), vb_sll4(vb_halves(qh + 32 * h, 4 * u, 4 * u + 2, 0x03)));
+            sc[c] = vi_pick(s16, Q6K_PICK[c]);
+        }
+        const float d = f16(blk + 208);
+        float off[16]; /* 32 d sc_g, exact */
+        const __m256 d32 = _mm256_set1_ps(32.0f * d);
+        _mm256_storeu_ps(off, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s8)), d32));
+        _mm256_storeu_ps(off + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s8, 8))), d32));
+        for (int r = 0; r < R; r++) {
+            const size_t rb = (size_t)r * nb + b;
+            acc[r] = vf_fma_i(acc[r], dot256(q, sc, x->q8 + (size_t)r * K + (size_t)b * 256), d * x->d[rb]);
+            oacc[r] = vf_fma(oacc[r], off, x->s16 + rb * 16);
+        }
+    }
+    for (int r = 0; r < R; r++) y[(size_t)r * ldy] = vf_hsum(acc[r]) - vf_hsum(oacc[r]);
 }
 
 /* One Q5_0 / Q8_0 weight row against R <= TILE rows of x (x->q rows K apart, d rows K / 32). */
@@ -408,10 +510,14 @@ void kq_linear_int8(const kx_t *xq, int T, int K, const uint8_t *w, int N, int k
 #pragma omp for schedule(static) nowait
         for (int n = 0; n < N; n++)
             for (int t = t0; t < end; t += TILE) {
-                const kx_t xt = {xq->q + (size_t)t * K, xq->d + (size_t)t * (K / F), xq->s + (size_t)t * (K / 32)};
+                const kx_t xt = {xq->q + (size_t)t * K, xq->q8 + (size_t)t * K, xq->d + (size_t)t * (K / F),
+                                 xq->s + (size_t)t * (K / 32), xq->s16 + (size_t)t * (K / 16)};
                 const int R = end - t < TILE ? end - t : TILE;
-                if (F == 256) row_k_int8(&xt, R, K, w + (size_t)n * row_bytes, kind, y + (size_t)t * ldy + n, ldy);
-                else row_b32_int8(&xt, R, K, w + (size_t)n * row_bytes, kind, y + (size_t)t * ldy + n, ldy);
+                const uint8_t *wrow = w + (size_t)n * row_bytes;
+                float *yt = y + (size_t)t * ldy + n;
+                if (kind == KIND_GGUF_Q4_K) row_q4k_int8(&xt, R, K, wrow, yt, ldy);
+                else if (kind == KIND_GGUF_Q6_K) row_q6k_int8(&xt, R, K, wrow, yt, ldy);
+                else row_b32_int8(&xt, R, K, wrow, kind, yt, ldy);
             }
     }
 }
@@ -420,7 +526,7 @@ void kq_linear_int8(const kx_t *xq, int T, int K, const uint8_t *w, int N, int k
    Returns 0, or -1 when scratch memory cannot be had. */
 int kq_linear(const float *x, int T, int K, const uint8_t *w, int N, int kind, int int8, float *y, int ldy,
               int threads) {
-    kx_t xq = {NULL, NULL, NULL};
+    kx_t xq = {NULL, NULL, NULL, NULL, NULL};
     if (int8 && !kx_alloc(&xq, T, K)) {
         kx_free(&xq);
         return -1;

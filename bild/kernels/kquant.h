@@ -15,11 +15,13 @@ static inline int kq_is_gguf(int kind) { return kind >= KIND_GGUF_Q4_K && kind <
    shares one int8 scale in the int8 path. */
 static inline int kq_family(int kind) { return kind == KIND_GGUF_Q4_K || kind == KIND_GGUF_Q6_K ? 256 : 32; }
 
-/* x (T, K) rounded to int8 values per block of `family` values (stored widened to int16): q (T, K),
-   d (T, K / family) scales, s (T, K / 32) = d * sum of each 32 values' q (family 256 only, for Q4_K's mins). */
+/* x (T, K) rounded to int8 values per block of `family` values: d (T, K / family) scales; for family 32 the
+   values widened to int16, q (T, K); for family 256 the values q8 (T, K), and the sums of each 32 and each 16
+   values times d, s (T, K / 32) for Q4_K's mins and s16 (T, K / 16) for Q6_K's offset of 32. */
 typedef struct {
     int16_t *q;
-    float *d, *s;
+    int8_t *q8;
+    float *d, *s, *s16;
 } kx_t;
 
 int kx_alloc(kx_t *x, int T, int K);
