@@ -248,6 +248,7 @@ def _assemble(m: ModelFile, target: str, locate: Locator) -> None:
 
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=f".{m.filename}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would keep the model from other users of a shared cache
         total, written, altered = hashlib.sha256(), 0, []
         buf = memoryview(bytearray(CHUNK))
         with os.fdopen(fd, "wb") as out:

@@ -57,6 +57,7 @@ def test_parts_concatenate_in_order_into_the_cache(site, tmp_path):
     with open(path, "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == m.sha256
     assert listing(tmp_path) == ["Fake-Q4.gguf", "Fake-Q4.gguf.verified"]
+    assert os.stat(path).st_mode & 0o777 == 0o644
 
 
 def test_parts_are_found_through_metadata_not_imported(site):
