@@ -141,11 +141,12 @@ class BigLittle:
         """Prompt -> token ids, checked against the vocabulary and the context length."""
         ids = self._tokenize(prompt)
         if not ids:
-            raise BildError("the prompt is empty")
+            raise BildError("the prompt is empty", field="prompt")
         context = min(self.big_runner.max_length, self.little_runner.max_length)
         limit = context if self.encoder_decoder else context - 1
         if len(ids) > limit:
-            raise BildError(f"the prompt is {len(ids)} tokens; the model's context is {context} tokens")
+            raise BildError(f"the prompt is {len(ids)} tokens; the model's context is {context} tokens",
+                            field="prompt")
         return ids
 
     def _tokenize(self, prompt) -> list[int]:
@@ -153,23 +154,24 @@ class BigLittle:
             return list(self.tokenizer(prompt).input_ids) if prompt else []
         if not isinstance(prompt, (list, tuple)):
             raise BildError(f"a prompt is a string, a list of token ids or a list of chat messages, "
-                            f"not {type(prompt).__name__}")
+                            f"not {type(prompt).__name__}", field="prompt")
         if all(isinstance(m, dict) for m in prompt) and prompt:
             return self._chat(prompt)
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise BildError("a list prompt must hold only token ids or only chat messages")
+            raise BildError("a list prompt must hold only token ids or only chat messages", field="prompt")
         bad = [t for t in prompt if not 0 <= t < self.big_runner.vocab_size]
         if bad:
-            raise BildError(f"token id {bad[0]} is outside the vocabulary (0..{self.big_runner.vocab_size - 1})")
+            raise BildError(f"token id {bad[0]} is outside the vocabulary (0..{self.big_runner.vocab_size - 1})",
+                            field="prompt")
         return list(prompt)
 
     def _chat(self, messages: list[dict]) -> list[int]:
         if any(not isinstance(m.get("content"), str) or "role" not in m for m in messages):
-            raise BildError("each chat message needs a 'role' and a string 'content'")
+            raise BildError("each chat message needs a 'role' and a string 'content'", field="prompt")
         if not all(m["content"] for m in messages):
-            raise BildError("the prompt is empty")
+            raise BildError("the prompt is empty", field="prompt")
         if not getattr(self.tokenizer, "chat_template", None):
-            raise BildError("this tokenizer has no chat template; pass a plain string prompt")
+            raise BildError("this tokenizer has no chat template; pass a plain string prompt", field="prompt")
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 

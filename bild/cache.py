@@ -92,12 +92,14 @@ def make_runner(model, engine: str = "auto", share_with=None, activations: str =
     from . import native
 
     if engine not in ENGINES:
-        raise BildError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        raise BildError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}", field="engine")
     if activations not in ACTIVATIONS:
-        raise BildError(f"unknown activations {activations!r}; choose one of {', '.join(ACTIVATIONS)}")
+        raise BildError(f"unknown activations {activations!r}; choose one of {', '.join(ACTIVATIONS)}",
+                        field="activations")
     int8 = activations == "int8"
     if int8 and (engine == "hf" or not native.supports(model)):
-        raise BildError("int8 activations need the native engine (a LLaMA-family model on GGUF blocks)")
+        raise BildError("int8 activations need the native engine (a LLaMA-family model on GGUF blocks)",
+                        field="activations")
     spec = spec_of(model)
     if spec.reads_big_features:
         from .drafts.feature import FeatureRunner
@@ -105,7 +107,7 @@ def make_runner(model, engine: str = "auto", share_with=None, activations: str =
     if engine == "hf" or (engine == "auto" and not native.supports(model)):
         return HFSeq2SeqRunner(model) if model.config.is_encoder_decoder else HFRunner(model)
     if not native.supports(model):
-        raise BildError(f"the native engine does not handle {type(model).__name__}; use --engine hf")
+        raise BildError(f"the native engine does not handle {type(model).__name__}; use --engine hf", field="engine")
     if isinstance(share_with, native.NativeRunner) and spec.exits(share_with.source):
         return share_with.early_exit(spec.exit_layers)
     like = share_with.model if isinstance(share_with, native.NativeRunner) else None  # packed like the big model

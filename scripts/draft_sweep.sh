@@ -19,8 +19,8 @@ HELDOUT=${HELDOUT:-runs/teacher_heldout_bf16}
 THREADS=${THREADS:-2}
 export OMP_NUM_THREADS=$THREADS
 
-$PY -m bild.draft_cli draft teacher "$HELDOUT" --split heldout --n-prompts 72 --batch-size 24 --threads "$THREADS"
-$PY -m bild.draft_cli draft teacher "$TEACHER" --split calibration --n-prompts 9150 --batch-size 32 \
+$PY -m bild.cli draft teacher "$HELDOUT" --split heldout --n-prompts 72 --batch-size 24 --threads "$THREADS"
+$PY -m bild.cli draft teacher "$TEACHER" --split calibration --n-prompts 9150 --batch-size 32 \
     --max-shards 8 --threads "$THREADS"
 RECIPES='[{"name": "1L-8k", "n_layers": 1, "init": "first", "vocab": 8192},
           {"name": "2L-8k", "n_layers": 2, "init": "first", "vocab": 8192},
@@ -28,7 +28,7 @@ RECIPES='[{"name": "1L-8k", "n_layers": 1, "init": "first", "vocab": 8192},
           {"name": "4L-8k", "n_layers": 4, "init": "first", "vocab": 8192},
           {"name": "exit4-8k", "kind": "early_exit", "n_layers": 4, "vocab": 8192}]'
 # train each recipe (skipped once exported), then measure; the sweep's own runs live in $RUN
-$PY -m bild.draft_cli draft sweep "$RUN" --recipes "$RECIPES" --teacher-dir "$TEACHER" --teacher-shards 8 \
+$PY -m bild.cli draft sweep "$RUN" --recipes "$RECIPES" --teacher-dir "$TEACHER" --teacher-shards 8 \
     --heldout-dir "$HELDOUT" --lr 1e-3 --batch-size 8 --max-steps 200 --minutes 1000 --eval-every 100 \
     --ckpt-every 2 --seed 0 --threads "$THREADS" \
     --drafts default=bild/drafts/smollm2-135m untrained-exit2=early-exit:2 --prompts 10 --gamma 3

@@ -29,7 +29,7 @@ RUN2=${RUN2:-runs/default_draft2}
 RUN3=${RUN3:-runs/default_draft3}
 OUT=${OUT:-bild/drafts/smollm2-135m}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-CLI="$PY -m bild.draft_cli"
+CLI="$PY -m bild.cli"
 
 # stage 1
 $CLI draft teacher runs/teacher_heldout --split heldout --n-prompts 72 --batch-size 24 --engine hf

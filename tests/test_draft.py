@@ -41,7 +41,7 @@ def _examples(big, n=12, length=20, seed=0):
 
 def _forward(model, ids, k):
     from transformers import DynamicCache
-    return model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=k).logits
+    return model(input_ids=ids, cache=DynamicCache(), use_cache=True, logits_to_keep=k).logits
 
 
 @pytest.mark.parametrize("kind", ["shallow", "early_exit"])

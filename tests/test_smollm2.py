@@ -13,7 +13,7 @@ PROMPT = [{"role": "user", "content": "Name three primary colours."}]
 
 @pytest.fixture(scope="module")
 def bl():
-    return BigLittle.load("smollm2-135m", dtype="fp32")  # exact equality holds in fp32 (bf16: see README)
+    return BigLittle.load("smollm2-135m", dtype="fp32")  # exact equality holds in fp32 (bf16: see docs/engines.md)
 
 
 def test_default_pair_is_the_big_model_and_its_default_little(bl):

@@ -4,7 +4,7 @@ Li et al., "EAGLE: Speculative Sampling Requires Rethinking Feature Uncertainty"
 model's final hidden state already holds most of what decides its next token. EAGLE reports that a single layer
 given that state, plus the token actually chosen, predicts the big model's next state far better than a small
 model reading tokens alone, after training on ~10^8 positions. (This project's own runs, at ~10^6 positions, are in
-benchmarks/results/feature-draft-experiments.) The big model computes those states anyway when it verifies, so
+benchmarks/results/2026-11-23-avx2-feature-drafts.) The big model computes those states anyway when it verifies, so
 they cost nothing extra.
 
 Notation: f_t is the big model's final normed hidden state at position t, from which its head gives p for the

@@ -110,7 +110,7 @@ def generate_batch(big, tokenizer, prompts: list[list[int]], cfg: TeacherConfig)
     for _ in range(cfg.max_new_tokens):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -tokens.shape[1]:]         # (B, t)
         logits = big(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                     past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V)
+                     cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V)
         values, ids = logits.float().topk(cfg.top_k, dim=-1)                        # (B, k)
         steps.append((values.half(), ids.int()))
         tokens = ids[:, :1].long()                                                  # (B, 1) greedy
