@@ -34,6 +34,9 @@ class GenerationConfig:
         "help": "bild: the big model runs at least every max_little little tokens"})
     gamma: int = field(default=5, metadata={"help": "speculative: draft length (initial length when adaptive)"})
     adaptive: bool = field(default=False, metadata={"help": "speculative: adapt gamma to the acceptance history"})
+    lookup: int = field(default=0, metadata={
+        "help": "bild/speculative: also draft by prompt lookup, copying what followed the latest earlier "
+                "occurrence of the last n tokens, n from this down to 1; 0 = off"})
     stop: tuple[str, ...] = field(default=(), metadata={"help": "a stop string (repeatable)"})
 
     def __post_init__(self):
@@ -57,12 +60,19 @@ class GenerationConfig:
         _check(_is_int(self.max_little) and self.max_little >= 1, "max_little",
                f"max_little must be an integer >= 1, got {self.max_little!r}")
         _check(_is_int(self.gamma) and self.gamma >= 1, "gamma", f"gamma must be an integer >= 1, got {self.gamma!r}")
+        _check(_is_int(self.lookup) and 0 <= self.lookup <= 16, "lookup",
+               f"lookup must be an integer in 0..16, got {self.lookup!r}")
         _check(self.seed is None or (_is_int(self.seed) and -2**63 <= self.seed < 2**64), "seed",
                f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def lookup_sizes(self) -> tuple[int, ...]:
+        """The n-gram sizes prompt lookup tries, longest first."""
+        return tuple(range(self.lookup, 0, -1))
 
 
 SETTINGS = tuple(f.name for f in fields(GenerationConfig))

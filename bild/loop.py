@@ -5,7 +5,9 @@ each runner has cached a strict prefix of `seq`, so it always has at least one u
 
 One round of `bild` or `speculative`:
   1. Draft   the little model proposes tokens (bild: until its top probability falls below α_FB or
-             max_little tokens; speculative: gamma tokens, ending early after one below α_FB).
+             max_little tokens; speculative: gamma tokens, ending early after one below α_FB). With
+             `lookup`, tokens copied from the context come first wherever the last n tokens stood before
+             (bild/lookup.py); their q is one-hot, so verification treats them exactly.
   2. Verify  the big model runs once, non-autoregressively, over every token it has not seen.
   3. Decide  a policy (policies.py) says how many drafts to keep and which token the big model adds.
   4. Commit  append the kept drafts and that token, crop both caches to the kept prefix, yield them.
@@ -23,6 +25,7 @@ import torch
 
 from .config import GenerationConfig
 from .errors import BildError
+from .lookup import lookup
 from .metrics import Stats
 from .policies import bild_rollback, next_gamma, probs, sample, speculative_accept, target
 
@@ -46,12 +49,13 @@ def decode(big, little, prompt_ids: list[int], cfg: GenerationConfig, eos_ids: s
             _count(stats, runner is big)
         else:
             limit = min(cfg.max_little if cfg.policy == "bild" else gamma, left - 1)
-            drafts, qs, fell_back = _draft(little, seq, cfg, gen, limit, stats)      # 1. draft
+            drafts, qs, copied, fell_back = _draft(little, seq, cfg, gen, limit, stats)  # 1. draft
             p = probs(big.forward(_unseen(big, seq, drafts), keep=len(drafts) + 1), cfg)  # 2. verify
             stats.big_calls += 1
             kept, token = _decide(p, qs, drafts, cfg, gen, stats)               # 3. decide
             stats.fallbacks += fell_back
             stats.accepted.append(kept)
+            stats.lookup_accepted += sum(copied[:kept])
             stats.drafted.append(len(drafts))
             if cfg.adaptive and cfg.policy == "speculative":
                 gamma = next_gamma(gamma, kept, len(drafts))
@@ -97,21 +101,33 @@ def _count(stats: Stats, big: bool) -> None:
         stats.little_calls += 1
 
 
-def _draft(little, seq, cfg, gen, limit, stats) -> tuple[list[int], list[torch.Tensor], bool]:
-    """The little model's proposals, their target(q) rows, and whether bild fell back."""
-    drafts, qs = [], []
+def _draft(little, seq, cfg, gen, limit, stats) -> tuple[list[int], list[torch.Tensor], list[bool], bool]:
+    """The proposals, their target(q) rows, which were copied from the context, and whether bild fell back."""
+    drafts, qs, copied = [], [], []
     while len(drafts) < limit:
+        found = lookup(seq + drafts, cfg.lookup_sizes, limit - len(drafts))
+        if found:  # free drafts, proposed with certainty: q = one-hot
+            drafts += found
+            qs += [_one_hot(t, little.vocab_size) for t in found]
+            copied += [True] * len(found)
+            stats.lookup_drafted += len(found)
+            continue
         q_soft = probs(little.forward(_unseen(little, seq, drafts)), cfg)[-1]  # (V,)
         stats.little_calls += 1
         confident = float(q_soft.max()) >= cfg.fallback
         if cfg.policy == "bild" and not confident:
-            return drafts, qs, True  # the uncertain token is not kept
+            return drafts, qs, copied, True  # the uncertain token is not kept
         q = target(q_soft, cfg)
         drafts.append(sample(q, gen))
         qs.append(q)
+        copied.append(False)
         if not confident:  # speculative: fallback ends the draft after this token
             break
-    return drafts, qs, False
+    return drafts, qs, copied, False
+
+
+def _one_hot(token: int, vocab_size: int) -> torch.Tensor:
+    return torch.zeros(vocab_size).index_fill_(0, torch.tensor([token]), 1.0)  # (V,)
 
 
 def _decide(p, qs, drafts, cfg, gen, stats) -> tuple[int, int]:

@@ -17,6 +17,8 @@ class Stats:
     rollbacks: int = 0          # bild: a little token was replaced by the big model's
     accepted: list[int] = field(default_factory=list)  # little tokens kept at each big call
     drafted: list[int] = field(default_factory=list)   # little tokens proposed at each big call
+    lookup_drafted: int = 0     # drafts copied from the context (prompt lookup) rather than the little model's
+    lookup_accepted: int = 0    # ... of which the big model kept
     seconds: float = 0.0        # wall time including prefill
     finish_reason: str = ""     # "stop" (EOS or stop string), "length", or "cancelled" (stream's cancel event)
 
@@ -47,4 +49,5 @@ class Stats:
         return (f"{self.policy}: {self.new_tokens} tokens in {self.seconds:.2f} s = {self.tokens_per_s:.1f} tok/s | "
                 f"big calls {self.big_calls}, little calls {self.little_calls}, "
                 f"{self.tokens_per_big_call:.2f} tokens/big call, acceptance {self.acceptance_rate:.0%}, "
-                f"fallbacks {self.fallbacks}, rollbacks {self.rollbacks}")
+                f"fallbacks {self.fallbacks}, rollbacks {self.rollbacks}"
+                + (f", looked up {self.lookup_accepted}/{self.lookup_drafted} kept" if self.lookup_drafted else ""))

@@ -144,6 +144,7 @@ def assert_matches(counts: torch.Tensor, expected: torch.Tensor) -> None:
                                                  ("speculative", dict(gamma=3, fallback=0.5), "native"),
                                                  ("speculative", dict(gamma=3, fallback=0.0), "native_fp16"),
                                                  ("speculative", dict(gamma=3, fallback=0.0), "native_blocks"),
+                                                 ("speculative", dict(gamma=3, fallback=0.0, lookup=2), "native"),
                                                  ("bild", dict(rollback=0.0, fallback=0.0), "native")])
 def test_sampling_matches_big_distribution(small_pair, tok, policy, extra, engine):
     """Catches q taken from raw logits (transformers #47932): temperature, top-k and top-p reshape q here."""
@@ -151,7 +152,8 @@ def test_sampling_matches_big_distribution(small_pair, tok, policy, extra, engin
     big = bl.big.float()  # the fp16 pair's reference: its own fp16-rounded weights, computed in fp32 (its runners are built)
     bl.eos_ids = set()  # token 2 is an ordinary token in this 8-token vocabulary
     prompt = [1, 4, 5]
-    samples = [tuple(bl.generate(prompt, policy=policy, max_new_tokens=2, seed=s, **SAMPLING, **extra).token_ids)
+    # three tokens, so that the second can come from a draft (the first is the prompt's prefill, as under ar)
+    samples = [tuple(bl.generate(prompt, policy=policy, max_new_tokens=3, seed=s, **SAMPLING, **extra).token_ids[:2])
                for s in range(4000)]
     assert_matches(empirical(samples), exact_two_token_distribution(big, prompt))
 
@@ -177,3 +179,28 @@ def test_greedy_draft_is_verified_against_its_one_hot_choice():
 
     assert 0.5 * (first_tokens(q_greedy) - p[0]).abs().sum() < 0.02
     assert 0.5 * (first_tokens(q_soft) - p[0]).abs().sum() > 0.05  # the bug would be caught
+
+
+def test_a_looked_up_draft_is_accepted_exactly():
+    """A prompt-lookup draft has q = one-hot: accepting it with p[x] and else resampling from p without x gives p."""
+    p = torch.tensor([[0.05, 0.4, 0.25, 0.3], [0.25, 0.25, 0.25, 0.25]])  # (k + 1, V), k = 1
+    q = torch.tensor([[0.0, 0.0, 1.0, 0.0]])  # the looked-up token 2, proposed with certainty
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(4)
+    for _ in range(20000):
+        kept, token = speculative_accept(p, q, torch.tensor([2]), gen)
+        counts[2 if kept else token] += 1
+    assert chisquare(counts.numpy(), (p[0] * 20000).numpy()).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("policy", ["speculative", "bild"])
+def test_greedy_with_prompt_lookup_equals_ar(pair, policy):
+    copied = 0
+    for prompt in random_prompts(50):
+        prompt = prompt + prompt  # a repeated prompt: lookup has something to copy
+        expected = pair.generate(prompt, policy="ar", max_new_tokens=24).token_ids
+        res = pair.generate(prompt, policy=policy, gamma=4, lookup=3, rollback=0.0, max_new_tokens=24)
+        assert res.token_ids == expected
+        copied += res.stats.lookup_drafted
+        assert 0 <= res.stats.lookup_accepted <= res.stats.lookup_drafted
+    assert copied > 0
