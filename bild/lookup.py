@@ -1,10 +1,11 @@
 """Drafting from the context itself (prompt lookup): no model runs, so these drafts cost nothing.
 
 Code answers repeat their prompt and themselves: signatures, docstrings, names, whole lines. Where the last n
-tokens of the sequence also stand earlier in it, the tokens that followed there are a likely continuation. They
-are proposed as drafts with q = one-hot on the proposed token (the proposal is deterministic), so speculative
-verification stays exact: a proposal x is accepted with probability min(1, p[x]), and a rejection resamples from
-norm(max(p - one_hot(x), 0)), which is p with x removed. Under bild a looked-up token is checked like a little one.
+tokens of the sequence also stand earlier in it, the tokens that followed there are a likely continuation. The
+loop (bild/loop.py) has the little model read them in the forward that drafts its next token and keep the prefix
+it accepts: a proposal is deterministic (q = one-hot), so a proposal x is accepted with probability min(1, q[x])
+and a rejection resamples from norm(max(q - one_hot(x), 0)), which is q with x removed. Every kept token is
+then distributed as the little model's own draft would be, and the big model verifies them as such.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ each runner has cached a strict prefix of `seq`, so it always has at least one u
 One round of `bild` or `speculative`:
   1. Draft   the little model proposes tokens (bild: until its top probability falls below α_FB or
              max_little tokens; speculative: gamma tokens, ending early after one below α_FB). With
-             `lookup`, tokens copied from the context come first wherever the last n tokens stood before
-             (bild/lookup.py); their q is one-hot, so verification treats them exactly.
+             `lookup`, each little step also checks the tokens that followed the last n tokens where they
+             stood before (bild/lookup.py) and keeps those it agrees with, so one step drafts several.
   2. Verify  the big model runs once, non-autoregressively, over every token it has not seen.
   3. Decide  a policy (policies.py) says how many drafts to keep and which token the big model adds.
   4. Commit  append the kept drafts and that token, crop both caches to the kept prefix, yield them.
@@ -102,32 +102,38 @@ def _count(stats: Stats, big: bool) -> None:
 
 
 def _draft(little, seq, cfg, gen, limit, stats) -> tuple[list[int], list[torch.Tensor], list[bool], bool]:
-    """The proposals, their target(q) rows, which were copied from the context, and whether bild fell back."""
+    """The little model's proposals, their target(q) rows, which of them prompt lookup proposed, and whether bild
+    fell back. With lookup, a little forward also reads the continuation copied from the context and keeps the
+    prefix of it that the little model accepts (speculative acceptance against its own q, so every kept token is
+    distributed as the little model's), then adds its own next token: several drafts for one little step."""
     drafts, qs, copied = [], [], []
+    sizes = () if little.needs_big else cfg.lookup_sizes  # a feature draft runs one token ahead at most
     while len(drafts) < limit:
-        found = lookup(seq + drafts, cfg.lookup_sizes, limit - len(drafts))
-        if found:  # free drafts, proposed with certainty: q = one-hot
-            drafts += found
-            qs += [_one_hot(t, little.vocab_size) for t in found]
-            copied += [True] * len(found)
-            stats.lookup_drafted += len(found)
-            continue
-        q_soft = probs(little.forward(_unseen(little, seq, drafts)), cfg)[-1]  # (V,)
+        found = lookup(seq + drafts, sizes, limit - len(drafts) - 1)  # room for the little model's own token
+        q_soft = probs(little.forward(_unseen(little, seq, drafts) + found, keep=len(found) + 1), cfg)  # (k+1, V)
         stats.little_calls += 1
-        confident = float(q_soft.max()) >= cfg.fallback
-        if cfg.policy == "bild" and not confident:
-            return drafts, qs, copied, True  # the uncertain token is not kept
         q = target(q_soft, cfg)
-        drafts.append(sample(q, gen))
-        qs.append(q)
-        copied.append(False)
-        if not confident:  # speculative: fallback ends the draft after this token
-            break
+        if found:
+            kept, token = speculative_accept(q, _one_hots(found, q.shape[-1]), torch.tensor(found), gen)
+            little.crop(len(seq) + len(drafts) + kept)  # the looked-up tokens it did not keep leave its cache
+        else:
+            kept, token = 0, sample(q[0], gen)
+        stats.lookup_drafted += kept
+        for i, t in enumerate(found[:kept] + [token]):
+            confident = float(q_soft[i].max()) >= cfg.fallback
+            if cfg.policy == "bild" and not confident:
+                return drafts, qs, copied, True  # the uncertain token is not kept
+            drafts.append(t)
+            qs.append(q[i])
+            copied.append(i < kept)
+            if not confident:  # speculative: fallback ends the draft after this token
+                return drafts, qs, copied, False
     return drafts, qs, copied, False
 
 
-def _one_hot(token: int, vocab_size: int) -> torch.Tensor:
-    return torch.zeros(vocab_size).index_fill_(0, torch.tensor([token]), 1.0)  # (V,)
+def _one_hots(tokens: list[int], vocab_size: int) -> torch.Tensor:
+    """(k, V): a looked-up token is proposed with certainty."""
+    return torch.zeros(len(tokens), vocab_size).scatter_(1, torch.tensor(tokens)[:, None], 1.0)
 
 
 def _decide(p, qs, drafts, cfg, gen, stats) -> tuple[int, int]:

@@ -182,7 +182,8 @@ def test_greedy_draft_is_verified_against_its_one_hot_choice():
 
 
 def test_a_looked_up_draft_is_accepted_exactly():
-    """A prompt-lookup draft has q = one-hot: accepting it with p[x] and else resampling from p without x gives p."""
+    """A looked-up token has q = one-hot: accepting it with p[x] and else resampling from p without x gives p
+    (the little model checks lookup proposals this way, so its kept tokens are distributed as its own)."""
     p = torch.tensor([[0.05, 0.4, 0.25, 0.3], [0.25, 0.25, 0.25, 0.25]])  # (k + 1, V), k = 1
     q = torch.tensor([[0.0, 0.0, 1.0, 0.0]])  # the looked-up token 2, proposed with certainty
     gen = torch.Generator().manual_seed(0)
