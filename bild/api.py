@@ -43,7 +43,8 @@ class BigLittle:
 
     @classmethod
     def from_runners(cls, big_runner, little_runner, tokenizer, eos_ids: set[int],
-                     little_description: str = "user-supplied model", big_file: str | None = None) -> BigLittle:
+                     little_description: str = "user-supplied model", big_file: str | None = None,
+                     little_file: str | None = None) -> BigLittle:
         """A decoder-only pair whose runners are built already, with no Hugging Face modules behind them (the
         native engine on GGUF files it reads directly); `big` and `little` are then None."""
         if big_runner.vocab_size != little_runner.vocab_size:
@@ -51,6 +52,7 @@ class BigLittle:
                             f"little model has {little_runner.vocab_size}")
         bl = cls.__new__(cls)
         bl._init(big_runner, little_runner, tokenizer, eos_ids, little_description, big_file, False)
+        bl.little_file = little_file
         bl.big = bl.little = None
         return bl
 
@@ -59,6 +61,7 @@ class BigLittle:
         self.eos_ids = eos_ids
         self.little_description = little_description
         self.big_file = big_file  # the .gguf file the big model was loaded from, if any (llama.cpp runs it too)
+        self.little_file = None  # the little model's .gguf file, when it is one (llama.cpp's draft model)
         self.encoder_decoder = encoder_decoder
         self.engine = type(big_runner).__name__
 
@@ -75,6 +78,7 @@ class BigLittle:
         int8 = activations != "fp32"
         big_runner = native.NativeRunner(native.gguf.load(path, int8=int8))
         spec = little if little is not None else models.default_little(big)
+        little_path = None
         if spec is None or spec.startswith("early-exit"):
             little_runner = big_runner.early_exit(models.early_exit_layers(spec))
         else:
@@ -85,7 +89,8 @@ class BigLittle:
             little_runner = native.NativeRunner(native.gguf.load(little_path, int8=int8))
         tokenizer = models.gguf_tokenizer(path)
         eos = {tokenizer.eos_token_id, *native.gguf.eos_ids(path)} - {None}
-        return cls.from_runners(big_runner, little_runner, tokenizer, eos, models.describe_little(spec), path)
+        return cls.from_runners(big_runner, little_runner, tokenizer, eos, models.describe_little(spec), path,
+                                little_path)
 
     @classmethod
     def load(cls, big: str = "smollm2-135m", little: str | None = None, dtype=None, device=None,

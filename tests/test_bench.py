@@ -300,10 +300,28 @@ def test_tune_command_uses_calibration_prompts_and_writes_config(llama_dir, tmp_
 
 
 def test_llamacpp_is_skipped_with_a_message_when_missing(monkeypatch):
-    import importlib.util
+    from types import SimpleNamespace
 
-    from bild.bench.methods import available
+    from bild.bench import methods
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
-    assert "llama_cpp" in available(parse_method("llamacpp")) and available(parse_method("ar")) is None
+    pair = SimpleNamespace(big=None, big_file="/x/big.gguf", little_file=None)
+    monkeypatch.setattr(methods, "llamacpp_bin", lambda: None)
+    assert "benchmarks/llamacpp.sh" in methods.available(parse_method("llamacpp"), pair)
+    assert methods.available(parse_method("ar"), pair) is None
+    assert "transformers model" in methods.available(parse_method("hf-generate"), pair)
+    monkeypatch.setattr(methods, "llamacpp_bin", lambda: "/x/bin")
+    assert methods.available(parse_method("llamacpp"), pair) is None
+    assert "big and little model as a GGUF file" in methods.available(parse_method("llamacpp-spec"), pair)
+
+
+def test_llamacpp_timing_lines_parse():
+    """Lines as llama.cpp 0.3.36's tools print them (llama-completion, llama-speculative-simple)."""
+    from bild.bench.methods import SPEC, TIMING
+
+    completion = ("0.44.155.166 I common_perf_print: prompt eval time =    2289.80 ms /    38 tokens (   60.26 ms per "
+                  "token,    16.60 tokens per second)\n0.44.155.181 I common_perf_print:        eval time =   39800.06 ms"
+                  " /    63 runs   (  631.75 ms per token,     1.58 tokens per second)\n")
+    assert TIMING.findall(completion) == [("prompt eval", "2289.80", "38"), ("eval", "39800.06", "63")]
+    spec = ("0.05.270.023 I encoded   38 tokens in    0.558 seconds, speed:   68.161 t/s\n"
+            "0.05.270.024 I decoded   36 tokens in    1.879 seconds, speed:   19.156 t/s\n")
+    assert SPEC.findall(spec) == [("encoded", "38", "0.558"), ("decoded", "36", "1.879")]

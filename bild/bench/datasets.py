@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from ..errors import BildError
 
-NAMES = ("sharegpt", "sharegpt-calibration", "humaneval", "jsonl:PATH")
+NAMES = ("sharegpt", "sharegpt-calibration", "humaneval", "humaneval-calibration", "humaneval-heldout", "jsonl:PATH")
+HUMANEVAL_HALVES = {"humaneval": None, "humaneval-calibration": 0, "humaneval-heldout": 1}  # task number % 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,10 +27,12 @@ def load_items(spec: str, limit: int | None = None) -> list[Item]:
     if spec == "sharegpt-calibration":
         from ..data import calibration_prompts
         return [Item(f"calibration-{i:04d}", p) for i, p in enumerate(calibration_prompts(limit))]
-    if spec == "humaneval":
+    if spec in HUMANEVAL_HALVES:  # a fixed split: even task numbers calibrate (bild tune), odd ones are held out
         from ..data import humaneval_problems, humaneval_prompts
-        problems = humaneval_problems()[:limit]
-        return [Item(p["task_id"], m, p) for p, m in zip(problems, humaneval_prompts(limit))]
+        half = HUMANEVAL_HALVES[spec]
+        pairs = [(p, m) for i, (p, m) in enumerate(zip(humaneval_problems(), humaneval_prompts()))
+                 if half is None or i % 2 == half]
+        return [Item(p["task_id"], m, p) for p, m in pairs[:limit]]
     if spec.startswith("jsonl:"):
         return read_jsonl_items(spec.removeprefix("jsonl:"))[:limit]
     raise BildError(f"unknown dataset {spec!r}; choose one of {', '.join(NAMES)}", field="dataset")

@@ -2,19 +2,25 @@
 
 Engine methods (ar, little, speculative, bild) go through BigLittle.generate. Baselines use the same models
 through transformers' own `generate` (greedy): the big model alone, assisted by the little model, or with
-prompt lookup. `llamacpp` runs the big model's GGUF file in llama.cpp when `llama_cpp` is importable.
+prompt lookup. `llamacpp` and `llamacpp-spec` run the same GGUF files in llama.cpp's own tools (its ar, and its
+speculative decoding with the little file as draft), built by benchmarks/llamacpp.sh.
 """
 
 from __future__ import annotations
 
 import copy
+import glob
 import math
+import os
+import re
+import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 from ..config import POLICIES, GenerationConfig
 from ..errors import BildError
+from ..files import cache_root
 
 HF = ("hf-generate", "hf-assisted", "hf-prompt-lookup")
 _SETTING = {f.name: {"int": int, "float": float, "bool": bool}.get(str(f.type)) for f in fields(GenerationConfig)}
@@ -28,11 +34,11 @@ def _settings(*names: str) -> dict[str, type]:
 # method -> {parameter: type}, in the order labels print them
 PARAMS: dict[str, dict[str, type]] = {
     "ar": {}, "little": {},
-    "speculative": _settings("gamma", "adaptive"),
-    "bild": _settings("fallback", "rollback", "max_little"),
+    "speculative": _settings("gamma", "adaptive", "lookup"),
+    "bild": _settings("fallback", "rollback", "max_little", "lookup"),
     "hf-generate": {}, "hf-assisted": {},
     "hf-prompt-lookup": {"prompt_lookup_num_tokens": int},
-    "llamacpp": {},
+    "llamacpp": {}, "llamacpp-spec": {"draft_max": int},
 }
 DEFAULTS = {"hf-prompt-lookup": {"prompt_lookup_num_tokens": 10}}
 
@@ -118,12 +124,16 @@ def _fmt(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def available(method: Method) -> str | None:
-    """None when the method can run here, else why not."""
-    if method.name == "llamacpp":
-        import importlib.util
-        if importlib.util.find_spec("llama_cpp") is None:
-            return "llamacpp skipped: the llama_cpp package (llama-cpp-python) is not installed"
+def available(method: Method, bl) -> str | None:
+    """None when the method can run here with this pair, else why not."""
+    if method.name in HF and bl.big is None:
+        return f"{method.name} skipped: the pair was read straight from GGUF files, with no transformers model"
+    if method.name in LLAMACPP:
+        if llamacpp_bin() is None:
+            return f"{method.name} skipped: llama.cpp is not built here (bash benchmarks/llamacpp.sh, ~10 minutes)"
+        if not bl.big_file or (method.name == "llamacpp-spec" and not bl.little_file):
+            return f"{method.name} skipped: it needs the big{' and little' if method.name != 'llamacpp' else ''} " \
+                   "model as a GGUF file"
     return None
 
 
@@ -135,7 +145,7 @@ def run(bl, method: Method, prompt, max_new_tokens: int) -> dict:
         return _run_engine(bl, method, prompt, max_new_tokens)
     if method.name in HF:
         return _run_hf(bl, method, prompt, max_new_tokens)
-    return _run_llamacpp(bl, prompt, max_new_tokens)
+    return _run_llamacpp(bl, method, prompt, max_new_tokens)
 
 
 def _run_engine(bl, method: Method, prompt, max_new_tokens: int) -> dict:
@@ -211,35 +221,53 @@ def count_calls(model):
         handle.remove()
 
 
-_LLAMA = {}
+LLAMACPP = ("llamacpp", "llamacpp-spec")
+TIMING = re.compile(r"(prompt eval|eval) time =\s*([\d.]+) ms /\s*(\d+) (?:tokens|runs)")
+SPEC = re.compile(r"(encoded|decoded)\s+(\d+) tokens in\s+([\d.]+) seconds")
 
 
-def _run_llamacpp(bl, prompt, max_new_tokens: int) -> dict:
-    """The big model's GGUF file in llama.cpp, greedy, with torch's thread count (so the same cores as bild)."""
-    import os
+def llamacpp_bin() -> str | None:
+    """llama.cpp's bin directory: $BILD_LLAMACPP, else a build `bash benchmarks/llamacpp.sh` left in the cache."""
+    if os.environ.get("BILD_LLAMACPP"):
+        return os.environ["BILD_LLAMACPP"]
+    builds = glob.glob(os.path.join(cache_root(), "llamacpp", "build-*", "bin", "llama-speculative-simple"))
+    return os.path.dirname(max(builds, key=os.path.getmtime)) if builds else None
 
+
+def _run_llamacpp(bl, method: Method, prompt, max_new_tokens: int) -> dict:
+    """The same GGUF files in llama.cpp's own tools, greedy, with torch's thread count (the same cores as bild):
+    llama-completion (its ar) or llama-speculative-simple with the little file as draft. Tokens per second count
+    as bild's do, prefill included and model loading excluded: llama.cpp's own prompt-eval and eval times."""
     import torch
-    from llama_cpp import Llama
 
-    path = bl.big_file
-    if not path or not os.path.isfile(path):
-        raise BildError("llamacpp needs --big to be a .gguf file or a GGUF alias", field="big")
-    threads = torch.get_num_threads()
-    if (path, threads) not in _LLAMA:
-        _LLAMA[path, threads] = Llama(model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads,
-                                      verbose=False)
-    llm = _LLAMA[path, threads]
     ids = bl.encode(prompt)
-    llm.reset()
-    new: list[int] = []
-    t0 = time.perf_counter()
-    for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
-        new.append(token)
-        if token in bl.eos_ids or len(new) >= max_new_tokens:
-            break
-    seconds = time.perf_counter() - t0
+    text_prompt = bl.tokenizer.decode(ids)  # the chat template applied, as bild feeds it
+    common = ["-m", bl.big_file, "-t", str(torch.get_num_threads()), "-p", text_prompt, "-n", str(max_new_tokens),
+              "--temp", "0", "--top-k", "1", "-c", str(len(ids) + max_new_tokens + 64)]
+    if method.name == "llamacpp":
+        out, err = _tool("llama-completion", common + ["-no-cnv", "--no-display-prompt"])
+        times = {kind: (float(ms), int(n)) for kind, ms, n in TIMING.findall(err)}
+        seconds = (times["prompt eval"][0] + times.get("eval", (0.0, 0))[0]) / 1e3
+        text, calls = out, times.get("eval", (0.0, 0))[1] + 1  # the first token comes from the prompt's pass
+    else:
+        args = ["-md", bl.little_file, "--spec-type", "draft-simple",
+                "--spec-draft-n-max", str(dict(method.params).get("draft_max", 3))]
+        out, err = _tool("llama-speculative-simple", common + args)
+        spans = {kind: (int(n), float(s)) for kind, n, s in SPEC.findall(err)}
+        seconds = spans["encoded"][1] + spans["decoded"][1]
+        text, calls = out.split(text_prompt.rstrip()[-40:], 1)[-1], None  # it echoes the prompt first
+    new = bl.tokenizer(text.strip("\n") if method.name != "llamacpp" else text, add_special_tokens=False).input_ids
+    new = new[:max_new_tokens]
     return dict(prompt_tokens=len(ids), new_tokens=len(new), seconds=seconds,
-                tokens_per_s=len(new) / seconds if seconds > 0 else 0.0, big_calls=None, little_calls=None,
+                tokens_per_s=len(new) / seconds if seconds > 0 else 0.0, big_calls=calls, little_calls=None,
                 fallbacks=None, rollbacks=None, accepted=None, drafted=None,
-                finish_reason="stop" if new and new[-1] in bl.eos_ids else "length",
+                finish_reason="length" if len(new) >= max_new_tokens else "stop",
                 text=bl.tokenizer.decode(new, skip_special_tokens=True), token_ids=new)
+
+
+def _tool(name: str, args: list[str]) -> tuple[str, str]:
+    done = subprocess.run([os.path.join(llamacpp_bin(), name), *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=3600)
+    if done.returncode:
+        raise BildError(f"{name} failed ({done.returncode}): {done.stderr.strip()[-300:]}", field="methods")
+    return done.stdout, done.stderr

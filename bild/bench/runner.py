@@ -102,7 +102,7 @@ def run_bench(bl, items: list[Item], methods: list[M.Method], out_dir: str, max_
     os.makedirs(out_dir, exist_ok=True)
     runnable = []
     for m in methods:
-        if why := M.available(m):
+        if why := M.available(m, bl):
             print(why, file=sys.stderr)
         else:
             runnable.append(m)
@@ -133,8 +133,10 @@ def run_bench(bl, items: list[Item], methods: list[M.Method], out_dir: str, max_
 def run_one(bl, method: M.Method, item: Item, max_new_tokens: int, timeout: float = 10.0) -> dict:
     fields = M.run(bl, method, item.prompt, max_new_tokens)
     record = {"method": method.label, "params": _jsonable(method.kwargs), "prompt_id": item.id, **fields}
-    big = M.hf_models(bl)[0]  # fp32 maths, also for fp16 weights
-    record["big_nll"] = continuation_nll(big, bl.encode(item.prompt), fields["token_ids"])  # after timing
+    if bl.big is not None:  # fp32 maths, also for fp16 weights; after timing
+        record["big_nll"] = continuation_nll(M.hf_models(bl)[0], bl.encode(item.prompt), fields["token_ids"])
+    else:  # a pair read straight from GGUF files has no transformers model to score with: pass@1 is its measure
+        record["big_nll"] = None
     record["passed"] = humaneval_passed(item.problem, fields["text"], timeout) if item.problem else None
     record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return record

@@ -103,9 +103,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "the native engine: bf16 where the CPU has it, else fp16 on x86; fp32 elsewhere")
     p.add_argument("--engine", default="auto", choices=ENGINES,
                    help="native: lean LLaMA-family CPU forward; hf: transformers; auto (default): native where it applies")
-    p.add_argument("--activations", default="fp32", choices=ACTIVATIONS,
-                   help="int8: a GGUF model's products take activations rounded to int8 per 32 values, as llama.cpp "
-                        "does (native engine; faster, lossy against fp32). Default fp32 (exact)")
+    p.add_argument("--activations", default=None, choices=ACTIVATIONS,
+                   help="int8: a GGUF model's products take activations rounded to int8 per block, as llama.cpp does "
+                        "(native engine; faster, lossy against fp32); fp32: exact. Default: int8 for a file the "
+                        "native engine reads directly (Qwen2 K-quants), else fp32")
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:

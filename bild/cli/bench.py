@@ -51,7 +51,8 @@ def add_commands(sub) -> None:
 def _add_run_args(p, dataset_choice: bool, limit: int | None = None) -> None:
     if dataset_choice:
         p.add_argument("--dataset", default="sharegpt",
-                       help="sharegpt (held-out split), humaneval, or jsonl:PATH (default sharegpt)")
+                       help="sharegpt (held-out split), humaneval (164 problems), humaneval-calibration or "
+                            "humaneval-heldout (its even and odd halves), or jsonl:PATH (default sharegpt)")
     p.add_argument("-o", "--out", required=True, help="output directory (records.jsonl, summary.md/json, ...)")
     p.add_argument("--limit", type=int, default=limit, help=f"number of prompts (default {limit or 'all'})")
     add_fields(p, GenerationConfig, ["max_new_tokens"])
@@ -160,7 +161,7 @@ def _run(args, methods, dataset: str) -> tuple[list[dict], str]:
     with open(os.path.join(args.out, "commands.txt"), "a") as f:
         f.write(shlex.join(["bild"] + sys.argv[1:]) + "\n")  # quoted: budgets hold shell characters
     settings = dict(big=args.big, little=bl.little_description, dataset=dataset,
-                    engine=getattr(bl, "engine", "hf"), dtype=str(bl.big.dtype), activations=args.activations,
+                    engine=getattr(bl, "engine", "hf"), dtype=bl.precision, activations=_activations(bl),
                     machine=machine())
     records = run_bench(bl, items, methods, args.out, max_new_tokens, settings, progress=not args.no_progress,
                         timeout=args.timeout)
@@ -189,3 +190,9 @@ def _little_spec(args) -> str:
     early exit models.load_little makes of None."""
     from ..models import default_little
     return args.little or default_little(args.big) or "early-exit"
+
+
+def _activations(bl) -> str:
+    """What the big model's products take, as run (the default depends on the model file)."""
+    model = getattr(bl.big_runner, "model", None)
+    return "int8" if getattr(model, "int8", False) else "fp32"

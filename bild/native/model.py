@@ -113,11 +113,13 @@ class NativeModel:
     def precision(self) -> str:
         """e.g. "torch.float32 on GGUF q4_1/q8_0 blocks" or "torch.float16 weights, torch.float32 activations"."""
         if self.gguf_blocks:
-            kinds = sorted({w.kind for w in matmul_weights(self) if isinstance(w, BlockWeight)})
+            parts = [p for w in matmul_weights(self) if isinstance(w, BlockWeight) for p in (w.parts or (w,))]
+            kinds = "/".join(sorted({p.kind.removeprefix("gguf_") for p in parts}))
             acts = ", int8 activations in the products" if self.int8 else ""
+            isa = f"; {kernels.isa()} kernels"
             if self.numerics.weights == "rounded":
-                return f"{self.dtype} on {'/'.join(kinds)} blocks (its own weights rounded to q8_0){acts}"
-            return f"{self.dtype} on GGUF {'/'.join(kinds)} blocks (the file's weights, exactly){acts}"
+                return f"{self.dtype} on {kinds} blocks (its own weights rounded to q8_0){acts}{isa}"
+            return f"{self.dtype} on GGUF {kinds} blocks (the file's weights, exactly){acts}{isa}"
         weights = self.matmul_dtype
         return str(weights) if weights == self.dtype else f"{weights} weights, {self.dtype} activations"
 
