@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from . import models, native
 from .cache import make_runner
-from .config import GenerationConfig
+from .config import DEFAULT_BIG, GenerationConfig
 from .errors import BildError
 from .loop import decode
 from .metrics import Stats
@@ -64,6 +64,7 @@ class BigLittle:
         self.little_file = None  # the little model's .gguf file, when it is one (llama.cpp's draft model)
         self.encoder_decoder = encoder_decoder
         self.engine = type(big_runner).__name__
+        self.defaults: dict = {}  # decoding settings under every call's own (a pair's measured ones; see load)
 
     @property
     def precision(self) -> str:
@@ -93,7 +94,7 @@ class BigLittle:
                                 little_path)
 
     @classmethod
-    def load(cls, big: str = "smollm2-135m", little: str | None = None, dtype=None, device=None,
+    def load(cls, big: str = DEFAULT_BIG, little: str | None = None, dtype=None, device=None,
              engine: str = "auto", activations: str | None = None) -> BigLittle:
         """Load by alias, hub id, directory or .gguf file; little=None is the big model's default little model.
         dtype=None: see models.default_dtype (bf16 or fp16 weights on the native engine, else fp32). Outputs are
@@ -102,7 +103,9 @@ class BigLittle:
         path), fp32 otherwise."""
         path = models.gguf_file(big) if engine != "hf" else None
         if path is not None and models.gguf_summary(path)["architecture"] in native.gguf.ARCHITECTURES:
-            return cls._load_gguf(big, path, little, activations)
+            bl = cls._load_gguf(big, path, little, activations)
+            bl.defaults = models.pair_settings(big) if little is None else {}
+            return bl
         big_model, tokenizer = models.load(big, dtype=dtype, device=device, engine=engine)
         little = little if little is not None else models.default_little(big)
         little_model = models.load_little(little, big_model, dtype=big_model.dtype, device=device)
@@ -111,14 +114,14 @@ class BigLittle:
 
     def generate(self, prompt, **kwargs) -> GenerationResult:
         """Generate from a string, a list of token ids or a list of chat messages. See GenerationConfig."""
-        *_, result = self._run(prompt, GenerationConfig(**kwargs))
+        *_, result = self._run(prompt, GenerationConfig(**{**self.defaults, **kwargs}))
         return result
 
     def stream(self, prompt, cancel: threading.Event | None = None, **kwargs) -> Stream:
         """Text pieces as they are finalised; after iterating, `.result` holds the GenerationResult.
 
         cancel: checked after every decoding round; once set, generation ends with finish_reason "cancelled"."""
-        return Stream(self._run(prompt, GenerationConfig(**kwargs), cancel))
+        return Stream(self._run(prompt, GenerationConfig(**{**self.defaults, **kwargs}), cancel))
 
     def _run(self, prompt, cfg: GenerationConfig, cancel=None) -> Iterator[str | GenerationResult]:
         """Yield text pieces, then the GenerationResult."""

@@ -15,7 +15,8 @@ from .errors import BildError
 POLICIES = ("ar", "little", "bild", "speculative")
 ENGINES = ("auto", "hf", "native")
 ACTIVATIONS = ("fp32", "int8")  # what the products of a model on GGUF blocks take
-DEFAULT_BIG = "smollm2-135m"
+DEFAULT_BIG = "qwen2.5-coder-1.5b"  # with its little, qwen2.5-coder-0.5b (bild.models.PAIRS)
+DRAFTS_BIG = "smollm2-135m"  # the draft tools' default: its teacher runs through transformers
 
 
 @dataclass(slots=True)

@@ -218,6 +218,15 @@ def _truncated_config(config, n_layers: int):
     return cfg
 
 
+def pair_settings(big_spec: str) -> dict:
+    """The decoding defaults measured for a big model alias (bild/pairs/<alias>.json, as `bild tune --write`
+    makes it), or {}; arguments to generate() override them."""
+    from .config import read_settings
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pairs", f"{big_spec}.json")
+    return read_settings(path) if os.path.isfile(path) else {}
+
+
 def default_little(big_spec: str) -> str | None:
     """The little model of a big model alias: its pair (PAIRS), else the trained draft shipped for it
     (bild/drafts/<alias>), if there is one."""

@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from ..config import DEFAULT_BIG
+from ..config import DRAFTS_BIG
 from ..errors import BildError
 from .args import LazyParser, add_fields, given
 
@@ -59,7 +59,7 @@ def add_commands(subparsers) -> None:
 def _teacher_command(p) -> None:
     from ..training.teacher import TeacherConfig
     p.add_argument("out")
-    p.add_argument("--big", default=DEFAULT_BIG)
+    p.add_argument("--big", default=DRAFTS_BIG)
     add_fields(p, TeacherConfig, TEACHER_FLAGS)
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(handler=cmd_teacher)
@@ -99,7 +99,7 @@ def _align_command(p) -> None:
 
 
 def _recipe_args(p) -> None:
-    p.add_argument("--big", default=DEFAULT_BIG)
+    p.add_argument("--big", default=DRAFTS_BIG)
     add_fields(p, Recipe, RECIPE_FLAGS)
     p.add_argument("--run", action="store_true", help="build: OUT is a run directory (writes OUT/draft_init)")
 
@@ -111,13 +111,13 @@ def _train_args(p, big: bool = True) -> None:
     p.add_argument("--grow", action="store_true",
                    help="re-read the teacher cache at each epoch (it may still be generated in the background)")
     if big:
-        p.add_argument("--big", default=DEFAULT_BIG)
+        p.add_argument("--big", default=DRAFTS_BIG)
 
 
 @dataclass(slots=True)
 class Recipe:
     """How `build` makes a draft: the recipe flags (RECIPE_FLAGS), or a `draft sweep` recipe object."""
-    big: str = DEFAULT_BIG
+    big: str = DRAFTS_BIG
     kind: str = field(default="shallow", metadata={
         "choices": ("shallow", "early_exit", "feature"),
         "help": "feature: layers that also read the big model's features (EAGLE); train on a teacher cache made "
@@ -253,7 +253,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_export(args) -> None:
-    big, tokenizer = _load_big(DEFAULT_BIG, args.threads)
+    big, tokenizer = _load_big(DRAFTS_BIG, args.threads)
     print(json.dumps(export(big, tokenizer, args.run, args.out, args.heldout_dir), indent=2))
 
 

@@ -9,7 +9,8 @@ import sys
 
 from .args import add_decoding_args, add_model_args, decoding_kwargs
 
-DEFAULT_PROMPT = "Explain in a short paragraph why the sky is blue."
+DEFAULT_PROMPT = ("Write a Python function `is_palindrome(s)` that tells whether a string reads the same backwards, "
+                  "ignoring case, spaces and punctuation. Include a docstring with two doctest examples.")
 
 
 def add_commands(sub) -> None:
