@@ -127,6 +127,44 @@ def test_many_rows_of_a_wide_input_cross_l2_chunks(int8):
         assert torch.equal(kernels.linear(x[t:t + 1], w), y[t:t + 1])
 
 
+@pytest.mark.parametrize("kind", GGUF)
+def test_int8_long_inputs_and_groups_of_rows_change_no_bit(kind):
+    """Weight rows go in groups of 8 against register tiles of 8 rows of x, over a long K: every row count, alone
+    or in tiles, and every ISA level give the same bits, within the int8 bound."""
+    torch.manual_seed(10)
+    K = 8960 if kernels.LAYOUTS[kind].block_values == 256 else 4864 + 32  # odd block count for Q5_0 / Q8_0
+    w = kernels.with_int8(weight(kind, 19, K, seed=10))  # 19 rows: groups of 8 and a short one
+    x = torch.randn(21, K)
+    x[3, 64:96] = 0.0
+    ys = [kernels.linear(x, w, isa=isa) for isa in ISAS]  # (21, 19)
+    assert all(torch.equal(y, ys[0]) for y in ys)
+    for T in (1, 2, 3, 7, 8, 9, 16):
+        assert torch.equal(kernels.linear(x[:T], w), ys[0][:T]), T
+        assert torch.equal(kernels.linear(x[21 - T:], w), ys[0][21 - T:]), T
+    dense = kernels.dequantise(w).double()
+    block = kernels.LAYOUTS[kind].block_values
+    step = x.reshape(21, K // block, block).abs().amax(-1) / 127
+    bound = (step.repeat_interleave(block, dim=1).double() / 2) @ dense.abs().T
+    exact = x.double() @ dense.T
+    assert ((ys[0].double() - exact).abs() <= bound * 1.001 + 1e-5 * (x.double().abs() @ dense.abs().T)).all()
+
+
+def test_int8_extreme_q8_0_weights_and_activations_are_exact_integers():
+    """Q8_0 weights of -128 and 127 against activations rounded to +-127: no int16 saturation on any ISA level;
+    with x of one block scale, the output is d xd times the exact integer sum."""
+    N, K = 9, 96
+    raw = random_blocks("gguf_q8_0", N, K, seed=11).reshape(N, K // 32, 34)
+    raw[..., 0:2] = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)  # d = 1
+    rng = np.random.default_rng(11)
+    q = rng.choice(np.array([-128, 127, -127, 1], dtype=np.int8), size=(N, K // 32, 32))
+    raw[..., 2:] = q.view(np.uint8)
+    w = kernels.with_int8(kernels.from_gguf(raw.reshape(N, -1), "Q8_0", (N, K)))
+    x = torch.from_numpy(rng.choice(np.array([-127.0, 127.0], dtype=np.float32), size=(3, K)))  # xd = 1, qx = x
+    want = (x.double() @ torch.from_numpy(q.reshape(N, K).astype(np.float64)).T)  # exact integers
+    for isa in ISAS:
+        assert torch.equal(kernels.linear(x, w, isa=isa).double(), want), isa
+
+
 def test_stacked_weights_are_their_parts_side_by_side():
     torch.manual_seed(6)
     q, k, v = weight("gguf_q4_k", 24, 512, 6), weight("gguf_q4_k", 8, 512, 7), weight("gguf_q6_k", 8, 512, 8)

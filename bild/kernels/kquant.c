@@ -19,17 +19,22 @@
    lanes, in order of v; the lanes are added in one fixed tree at the end.
 
    int8 activations (what llama.cpp computes, lossy): each row of x is rounded per block of 256 values (K-quants,
-   like ggml's Q8_K) or 32 (Q5_0, Q8_0) to xd * qx, qx = round-half-even(x * 127 / max |x|) in -127..127, and
-   for Q4_K the sums of each 32 qx are kept (times xd). A weight block is unpacked once to int16 weights with its
-   integer sub-block scale applied (sc q, sc (q - 32), q - 16, q), which then serves all rows of the tile: per
-   row, int16 pair products summed into 16 int32 lanes (vpdpwssd, or pmaddwd + paddd) give exact integers;
-   lane l is converted (exactly: |sum| < 2^24) and fma'd with the float scale d * xd of the block into float
-   lane l. Q4_K's mins go into 8 more float lanes: (dmin m_j) * (xd sum_j qx). The output is the fixed-tree
-   sum of the 16 lanes minus that of the 8.
+   like ggml's Q8_K) or 32 (Q5_0, Q8_0) to xd * qx, qx = round-half-even(x * 127 / max |x|) in -127..127, kept
+   as int8 and as qx + 128 unsigned (and for Q4_K the sums of each 32 qx, times xd). Products are vpdpbusd
+   (unsigned bytes times signed bytes, four into each int32 lane; AVX2: maddubs + pmaddwd, never saturating
+   here): exact integers. A weight block is unpacked once per register tile of up to RT rows of x, in the int8
+   value order (below) that keeps each int32 lane of a row's four dpbusd within one sub-block:
+   Q4_K  unsigned q against qx; lane l (16 values of sub-block j = l / 2) times sc_j (pmaddwd), fma'd with
+         d * xd into float lane l; the mins (dmin m_j) (xd sum_j qx) into 8 more float lanes, subtracted at the end.
+   Q6_K  q - 32 signed against qx + 128, the lane starting at -128 times its weights' sum (once per block, for
+         all rows); times sc_l (pmulld), fma'd with d * xd.
+   Q5_0, Q8_0  q - 16 or q signed against qx + 128 the same way, two blocks a vector; fma'd with d * xd of the
+         lane's block (AVX2 without VNNI: Q8_0 as |q| against qx with q's signs).
+   Every lane's integer stays below 2^24 and converts exactly. The output is the fixed-tree sum of its 16 lanes.
 
-   So each output runs one instruction sequence whatever the number of rows (batch-invariant), and the float
-   operations are the same on every ISA build: AVX-512 (one 512-bit register per 16 lanes), AVX-VNNI and AVX2
-   (two 256-bit halves): results are bitwise the same on all three. The ISA is chosen by the compiler flags
+   So each output runs one instruction sequence whatever the number of rows (batch-invariant), and the integer
+   sums and float operations are the same on every ISA build: AVX-512 (one 512-bit register per 16 lanes),
+   AVX-VNNI and AVX2 (two 256-bit halves): results are bitwise the same on all three. The ISA is chosen by the compiler flags
    of each build (bild/kernels/__init__.py builds one library per ISA and loads the one the CPU runs). */
 
 #include <immintrin.h>
@@ -38,7 +43,9 @@
 
 #include "kquant.h"
 
-#define TILE 16 /* rows of x per pass over a weight row: each block is unpacked once per 16 rows */
+#define TILE 16 /* fp32: rows of x per pass over a weight row: each block is rebuilt once per 16 rows */
+#define RT 8 /* int8: rows of x per register tile (their accumulators stay in registers) */
+#define NG 8 /* int8: weight rows per group: a group's rows stay in L1 for every register tile of x */
 #define PREFETCH_BYTES 2048 /* how far ahead along the weight stream the products prefetch */
 #define X_CHUNK_BYTES (256 * 1024) /* rows of x per pass over the whole weight stay in L2 */
 
@@ -65,8 +72,7 @@ static inline float hsum8(__m256 v) { /* the same tree as blocks.c's hsum */
 }
 
 /* ---- 16 lanes, in one 512-bit register or two 256-bit halves ------------------------------------------------
-   vi: 32 int16 (as weights or activations) or 16 int32 (sums); vf: 16 floats. Lane l of an int32 sum holds the
-   products of int16 elements 2l and 2l + 1, on every ISA. */
+   vi: 32 int16 (a block's values, for the fp32 path's rebuild); vf: 16 floats. */
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define KQ_ISA "avx512vnni"
@@ -80,16 +86,9 @@ static inline vi vi_or(vi a, vi b) { return _mm512_or_si512(a, b); }
 static inline vi vi_srl(vi a, int n) { return _mm512_srl_epi16(a, _mm_cvtsi32_si128(n)); }
 static inline vi vi_sll(vi a, int n) { return _mm512_sll_epi16(a, _mm_cvtsi32_si128(n)); }
 static inline vi vi_subc(vi a, int c) { return _mm512_sub_epi16(a, _mm512_set1_epi16((short)c)); }
-static inline vi vi_scale(vi a, int s0, int s1) { /* elements 0..15 times s0, 16..31 times s1 */
-    const vi s = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16((short)s0)), _mm256_set1_epi16((short)s1), 1);
-    return _mm512_mullo_epi16(a, s);
-}
 static inline void vi_store(int16_t *p, vi a) { _mm512_storeu_si512(p, a); }
-static inline vi vi_dot(vi acc, vi w, const int16_t *x) { return _mm512_dpwssd_epi32(acc, w, _mm512_loadu_si512(x)); }
-static inline vi vi_add32(vi a, vi b) { return _mm512_add_epi32(a, b); }
 static inline vf vf_zero(void) { return _mm512_setzero_ps(); }
 static inline vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
-static inline vf vf_fma_i(vf acc, vi i, float s) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_set1_ps(s), acc); }
 static inline vf vf_fma(vf acc, const float *w, const float *x) {
     return _mm512_fmadd_ps(_mm512_loadu_ps(w), _mm512_loadu_ps(x), acc);
 }
@@ -97,34 +96,11 @@ static inline float vf_hsum(vf a) {
     const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
     return hsum8(_mm256_add_ps(_mm512_castps512_ps256(a), hi));
 }
-/* vb: 64 bytes (values 0..31 in the low half, 32..63 in the high half). */
-typedef __m512i vb;
-static inline vb vb_nibbles(const uint8_t *p, int high) { /* 64 bytes' low or high nibbles */
-    const __m512i v = _mm512_loadu_si512(p);
-    return _mm512_and_si512(high ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(0x0F));
-}
-static inline vb vb_halves(const uint8_t *p, int s0, int s1, int mask) { /* 32 bytes >> s0, then >> s1, masked */
-    const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
-    const __m512i counts = _mm512_inserti64x4(_mm512_set1_epi16((short)s0), _mm256_set1_epi16((short)s1), 1);
-    return _mm512_and_si512(_mm512_srlv_epi16(v, counts), _mm512_set1_epi8((char)mask));
-}
-static inline vb vb_or(vb a, vb b) { return _mm512_or_si512(a, b); }
-static inline vb vb_sll4(vb a) { return _mm512_slli_epi16(a, 4); } /* bytes < 16 only */
-/* 32 int16 scales: element e = s[idx(e)] with s 16 int16 in a 256-bit vector */
-static inline vi vi_pick(__m256i s16, const int16_t idx[32]) {
-    return _mm512_permutexvar_epi16(_mm512_loadu_si512(idx), _mm512_castsi256_si512(s16));
-}
-/* acc + per lane l: sum over e in {2l, 2l+1} of scale[e] * (q[2e] x[2e] + q[2e+1] x[2e+1]), q unsigned bytes */
-static inline vi vi_dotb(vi acc, vb q, const int8_t *x, vi scale) {
-    return _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(q, _mm512_loadu_si512(x)), scale);
-}
 #else
 #if defined(__AVXVNNI__)
 #define KQ_ISA "avxvnni"
-#define DOT256(acc, w, x) _mm256_dpwssd_avx_epi32(acc, w, x)
 #else
 #define KQ_ISA "avx2"
-#define DOT256(acc, w, x) _mm256_add_epi32(acc, _mm256_madd_epi16(w, x))
 #endif
 typedef struct { __m256i lo, hi; } vi;
 typedef struct { __m256 lo, hi; } vf;
@@ -153,54 +129,17 @@ static inline vi vi_subc(vi a, int c) {
     const __m256i k = _mm256_set1_epi16((short)c);
     return (vi){_mm256_sub_epi16(a.lo, k), _mm256_sub_epi16(a.hi, k)};
 }
-static inline vi vi_scale(vi a, int s0, int s1) {
-    return (vi){_mm256_mullo_epi16(a.lo, _mm256_set1_epi16((short)s0)), _mm256_mullo_epi16(a.hi, _mm256_set1_epi16((short)s1))};
-}
 static inline void vi_store(int16_t *p, vi a) {
     _mm256_storeu_si256((__m256i *)p, a.lo);
     _mm256_storeu_si256((__m256i *)(p + 16), a.hi);
 }
-static inline vi vi_dot(vi acc, vi w, const int16_t *x) {
-    return (vi){DOT256(acc.lo, w.lo, _mm256_loadu_si256((const __m256i *)x)),
-                DOT256(acc.hi, w.hi, _mm256_loadu_si256((const __m256i *)(x + 16)))};
-}
-static inline vi vi_add32(vi a, vi b) { return (vi){_mm256_add_epi32(a.lo, b.lo), _mm256_add_epi32(a.hi, b.hi)}; }
 static inline vf vf_zero(void) { return (vf){_mm256_setzero_ps(), _mm256_setzero_ps()}; }
 static inline vf vf_add(vf a, vf b) { return (vf){_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
-static inline vf vf_fma_i(vf acc, vi i, float s) {
-    const __m256 k = _mm256_set1_ps(s);
-    return (vf){_mm256_fmadd_ps(_mm256_cvtepi32_ps(i.lo), k, acc.lo), _mm256_fmadd_ps(_mm256_cvtepi32_ps(i.hi), k, acc.hi)};
-}
 static inline vf vf_fma(vf acc, const float *w, const float *x) {
     return (vf){_mm256_fmadd_ps(_mm256_loadu_ps(w), _mm256_loadu_ps(x), acc.lo),
                 _mm256_fmadd_ps(_mm256_loadu_ps(w + 8), _mm256_loadu_ps(x + 8), acc.hi)};
 }
 static inline float vf_hsum(vf a) { return hsum8(_mm256_add_ps(a.lo, a.hi)); }
-typedef struct { __m256i lo, hi; } vb;
-static inline vb vb_nibbles(const uint8_t *p, int high) {
-    const __m256i m = _mm256_set1_epi8(0x0F), a = _mm256_loadu_si256((const __m256i *)p),
-                  b = _mm256_loadu_si256((const __m256i *)(p + 32));
-    return high ? (vb){_mm256_and_si256(_mm256_srli_epi16(a, 4), m), _mm256_and_si256(_mm256_srli_epi16(b, 4), m)}
-                : (vb){_mm256_and_si256(a, m), _mm256_and_si256(b, m)};
-}
-static inline vb vb_halves(const uint8_t *p, int s0, int s1, int mask) {
-    const __m256i v = _mm256_loadu_si256((const __m256i *)p), m = _mm256_set1_epi8((char)mask);
-    return (vb){_mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(s0)), m),
-                _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(s1)), m)};
-}
-static inline vb vb_or(vb a, vb b) { return (vb){_mm256_or_si256(a.lo, b.lo), _mm256_or_si256(a.hi, b.hi)}; }
-static inline vb vb_sll4(vb a) { return (vb){_mm256_slli_epi16(a.lo, 4), _mm256_slli_epi16(a.hi, 4)}; }
-static inline vi vi_pick(__m256i s16, const int16_t idx[32]) { /* idx runs in aligned groups of 8 */
-    int16_t s[16];
-    _mm256_storeu_si256((__m256i *)s, s16);
-    return (vi){_mm256_set_m128i(_mm_set1_epi16(s[idx[8]]), _mm_set1_epi16(s[idx[0]])),
-                _mm256_set_m128i(_mm_set1_epi16(s[idx[24]]), _mm_set1_epi16(s[idx[16]]))};
-}
-static inline vi vi_dotb(vi acc, vb q, const int8_t *x, vi scale) {
-    const __m256i p0 = _mm256_maddubs_epi16(q.lo, _mm256_loadu_si256((const __m256i *)x));
-    const __m256i p1 = _mm256_maddubs_epi16(q.hi, _mm256_loadu_si256((const __m256i *)(x + 32)));
-    return (vi){DOT256(acc.lo, p0, scale.lo), DOT256(acc.hi, p1, scale.hi)};
-}
 #endif
 
 const char *kq_isa(void) { return KQ_ISA; }
@@ -334,16 +273,176 @@ void kq_linear_f32(const float *x, int T, int K, const uint8_t *w, int N, int ki
 
 /* ---- int8 activations --------------------------------------------------------------------------------------- */
 
+/* 16 int32 lanes of integer dot products (ii), 64 unsigned weight bytes (ub: lane l's bytes 4l..4l+3), on every
+   ISA: one 512-bit register, or two 256-bit halves (lanes 0..7, 8..15). */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+typedef __m512i ii;
+typedef __m512i ub;
+static inline ii ii_zero(void) { return _mm512_setzero_si512(); }
+static inline ii ii_load(const int32_t *p) { return _mm512_loadu_si512(p); }
+static inline ii ii_dpbusd(ii acc, ub u, const int8_t *x) { return _mm512_dpbusd_epi32(acc, u, _mm512_loadu_si512(x)); }
+/* acc + per lane: unsigned bytes of x (x + 128) times the signed weight bytes w */
+static inline ii ii_dotu(ii acc, const uint8_t *xu, ub w) { return _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(xu), w); }
+static inline ii ii_dotu_lo(ii acc, const uint8_t *xu, ub w) { /* x's bytes 0..31 only */
+    return _mm512_dpbusd_epi32(acc, _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)xu)), w);
+}
+static inline ii ii_corr(ii acc, ub w) { /* acc - 128 times each lane's sum of w: what x + 128 adds */
+    return _mm512_sub_epi32(acc, _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8((char)0x80), w));
+}
+static inline ub ub_subc(ub a, int c) { return _mm512_sub_epi8(a, _mm512_set1_epi8((char)c)); }
+static inline ii ii_madd(ii a, ii b) { return _mm512_madd_epi16(a, b); }
+static inline ii ii_mullo(ii a, ii b) { return _mm512_mullo_epi32(a, b); }
+static inline ii ii_bytes_u(__m128i b) { return _mm512_cvtepu8_epi32(b); }
+static inline ii ii_bytes_s(const uint8_t b[16]) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b)); }
+static inline vf vf_set1(float s) { return _mm512_set1_ps(s); }
+static inline vf vf_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline vf vf_load_lo(const float *p) { return _mm512_maskz_loadu_ps(0x00FF, p); }
+static inline void vf_store(float *p, vf a) { _mm512_storeu_ps(p, a); }
+static inline vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vf_fma_ii(vf acc, ii i, vf s) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), s, acc); }
+static inline vf vf_pair(float a, float b) { /* lanes 0..7 a, 8..15 b */
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(a)), _mm256_castps_pd(_mm256_set1_ps(b)), 1));
+}
+static inline __m512i ld(const uint8_t *p) { return _mm512_loadu_si512(p); }
+/* Q4_K nibbles in lane order (kquant's int8 value order, below): lane l of vector v holds 4 values of sub-block
+   l / 2; dword IDX[v][l] of the 128 nibble bytes, shifted right by SH[l] (0 or 4), masked to 4 bits. */
+static const int32_t Q4K_IDX[4][16] __attribute__((aligned(64))) = {
+    {0, 4, 0, 4, 8, 12, 8, 12, 16, 20, 16, 20, 24, 28, 24, 28}, {1, 5, 1, 5, 9, 13, 9, 13, 17, 21, 17, 21, 25, 29, 25, 29},
+    {2, 6, 2, 6, 10, 14, 10, 14, 18, 22, 18, 22, 26, 30, 26, 30}, {3, 7, 3, 7, 11, 15, 11, 15, 19, 23, 19, 23, 27, 31, 27, 31}};
+static const int32_t Q4K_SH[16] __attribute__((aligned(64))) = {0, 0, 4, 4, 0, 0, 4, 4, 0, 0, 4, 4, 0, 0, 4, 4};
+static inline void q4k_unpack(const uint8_t *qs, ub q[4]) {
+    const __m512i z0 = ld(qs), z1 = ld(qs + 64), sh = _mm512_load_si512(Q4K_SH), m = _mm512_set1_epi8(0x0F);
+    for (int v = 0; v < 4; v++)
+        q[v] = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutex2var_epi32(z0, _mm512_load_si512(Q4K_IDX[v]), z1), sh), m);
+}
+/* Q6_K: lane l of vector v holds 4 values of sub-block l: low 4 bits from ql dword LIDX[v][l] >> LSH[l], high 2
+   from qh dword HIDX[v][l] >> HSH[l]. */
+static const int32_t Q6K_LIDX[4][16] __attribute__((aligned(64))) = {
+    {0, 4, 8, 12, 0, 4, 8, 12, 16, 20, 24, 28, 16, 20, 24, 28}, {1, 5, 9, 13, 1, 5, 9, 13, 17, 21, 25, 29, 17, 21, 25, 29},
+    {2, 6, 10, 14, 2, 6, 10, 14, 18, 22, 26, 30, 18, 22, 26, 30}, {3, 7, 11, 15, 3, 7, 11, 15, 19, 23, 27, 31, 19, 23, 27, 31}};
+static const int32_t Q6K_LSH[16] __attribute__((aligned(64))) = {0, 0, 0, 0, 4, 4, 4, 4, 0, 0, 0, 0, 4, 4, 4, 4};
+static const int32_t Q6K_HIDX[4][16] __attribute__((aligned(64))) = {
+    {0, 4, 0, 4, 0, 4, 0, 4, 8, 12, 8, 12, 8, 12, 8, 12}, {1, 5, 1, 5, 1, 5, 1, 5, 9, 13, 9, 13, 9, 13, 9, 13},
+    {2, 6, 2, 6, 2, 6, 2, 6, 10, 14, 10, 14, 10, 14, 10, 14}, {3, 7, 3, 7, 3, 7, 3, 7, 11, 15, 11, 15, 11, 15, 11, 15}};
+static const int32_t Q6K_HSH[16] __attribute__((aligned(64))) = {0, 0, 2, 2, 4, 4, 6, 6, 0, 0, 2, 2, 4, 4, 6, 6};
+static inline void q6k_unpack(const uint8_t *ql, const uint8_t *qh, ub q[4]) {
+    const __m512i l0 = ld(ql), l1 = ld(ql + 64), h = ld(qh), lsh = _mm512_load_si512(Q6K_LSH),
+                  hsh = _mm512_load_si512(Q6K_HSH), m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(0x03);
+    for (int v = 0; v < 4; v++) {
+        const __m512i lo = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutex2var_epi32(l0, _mm512_load_si512(Q6K_LIDX[v]), l1), lsh), m4);
+        const __m512i hi = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(_mm512_load_si512(Q6K_HIDX[v]), h), hsh), m2);
+        q[v] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 4));
+    }
+}
+/* Two 32-value blocks' bytes a (values 0..31), b (32..63) as one vector. */
+static inline ub ub_pair(__m256i a, __m256i b) { return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1); }
+#define HAVE_DPBUSD 1
+#else
+#if defined(__AVXVNNI__)
+#define DPBUSD256(acc, u, x) _mm256_dpbusd_avx_epi32(acc, u, x)
+#else /* u < 128: maddubs does not saturate */
+#define DPBUSD256(acc, u, x) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)))
+#endif
+typedef struct { __m256i lo, hi; } ii;
+typedef struct { __m256i lo, hi; } ub;
+static inline ii ii_zero(void) { return (ii){_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+static inline ii ii_load(const int32_t *p) {
+    return (ii){_mm256_loadu_si256((const __m256i *)p), _mm256_loadu_si256((const __m256i *)(p + 8))};
+}
+static inline ii ii_dpbusd(ii acc, ub u, const int8_t *x) {
+    return (ii){DPBUSD256(acc.lo, u.lo, _mm256_loadu_si256((const __m256i *)x)),
+                DPBUSD256(acc.hi, u.hi, _mm256_loadu_si256((const __m256i *)(x + 32)))};
+}
+/* |w| <= 64 without VNNI: maddubs does not saturate */
+static inline ii ii_dotu(ii acc, const uint8_t *xu, ub w) {
+    return (ii){DPBUSD256(acc.lo, _mm256_loadu_si256((const __m256i *)xu), w.lo),
+                DPBUSD256(acc.hi, _mm256_loadu_si256((const __m256i *)(xu + 32)), w.hi)};
+}
+static inline ii ii_dotu_lo(ii acc, const uint8_t *xu, ub w) {
+    return (ii){DPBUSD256(acc.lo, _mm256_loadu_si256((const __m256i *)xu), w.lo), acc.hi};
+}
+static inline ii ii_corr(ii acc, ub w) {
+    const __m256i k = _mm256_set1_epi8((char)0x80), z = _mm256_setzero_si256();
+    return (ii){_mm256_sub_epi32(acc.lo, DPBUSD256(z, k, w.lo)), _mm256_sub_epi32(acc.hi, DPBUSD256(z, k, w.hi))};
+}
+static inline ub ub_subc(ub a, int c) {
+    const __m256i k = _mm256_set1_epi8((char)c);
+    return (ub){_mm256_sub_epi8(a.lo, k), _mm256_sub_epi8(a.hi, k)};
+}
+static inline ii ii_madd(ii a, ii b) { return (ii){_mm256_madd_epi16(a.lo, b.lo), _mm256_madd_epi16(a.hi, b.hi)}; }
+static inline ii ii_mullo(ii a, ii b) { return (ii){_mm256_mullo_epi32(a.lo, b.lo), _mm256_mullo_epi32(a.hi, b.hi)}; }
+static inline ii ii_bytes_u(__m128i b) { return (ii){_mm256_cvtepu8_epi32(b), _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))}; }
+static inline ii ii_bytes_s(const uint8_t b[16]) {
+    return (ii){_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)b)), _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 8)))};
+}
+static inline vf vf_set1(float s) { return (vf){_mm256_set1_ps(s), _mm256_set1_ps(s)}; }
+static inline vf vf_load(const float *p) { return (vf){_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+static inline vf vf_load_lo(const float *p) { return (vf){_mm256_loadu_ps(p), _mm256_setzero_ps()}; }
+static inline void vf_store(float *p, vf a) { _mm256_storeu_ps(p, a.lo), _mm256_storeu_ps(p + 8, a.hi); }
+static inline vf vf_mul(vf a, vf b) { return (vf){_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+static inline vf vf_fma_ii(vf acc, ii i, vf s) {
+    return (vf){_mm256_fmadd_ps(_mm256_cvtepi32_ps(i.lo), s.lo, acc.lo), _mm256_fmadd_ps(_mm256_cvtepi32_ps(i.hi), s.hi, acc.hi)};
+}
+static inline vf vf_pair(float a, float b) { return (vf){_mm256_set1_ps(a), _mm256_set1_ps(b)}; }
+static inline __m256i ld(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+/* The same lane order as the AVX-512 build's tables: within each 256-bit source, dwords v and 4 + v. */
+static inline __m256i pick2(__m256i a, __m256i b, int v, int blend_mask) {
+    const __m256i idx = _mm256_add_epi32(_mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4), _mm256_set1_epi32(v));
+    const __m256i pa = _mm256_permutevar8x32_epi32(a, idx), pb = _mm256_permutevar8x32_epi32(b, idx);
+    return blend_mask == 0xF0 ? _mm256_blend_epi32(pa, pb, 0xF0) : _mm256_blend_epi32(pa, pb, 0xCC);
+}
+static inline void q4k_unpack(const uint8_t *qs, ub q[4]) {
+    const __m256i a0 = ld(qs), a1 = ld(qs + 32), a2 = ld(qs + 64), a3 = ld(qs + 96), m = _mm256_set1_epi8(0x0F);
+    const __m256i sh = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
+    for (int v = 0; v < 4; v++)
+        q[v] = (ub){_mm256_and_si256(_mm256_srlv_epi32(pick2(a0, a1, v, 0xF0), sh), m),
+                    _mm256_and_si256(_mm256_srlv_epi32(pick2(a2, a3, v, 0xF0), sh), m)};
+}
+static inline void q6k_unpack(const uint8_t *ql, const uint8_t *qh, ub q[4]) {
+    const __m256i l0 = ld(ql), l1 = ld(ql + 32), l2 = ld(ql + 64), l3 = ld(ql + 96), h0 = ld(qh), h1 = ld(qh + 32);
+    const __m256i lsh = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4), hsh = _mm256_setr_epi32(0, 0, 2, 2, 4, 4, 6, 6);
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x03);
+    for (int v = 0; v < 4; v++) {
+        const __m256i idx = _mm256_add_epi32(_mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4), _mm256_set1_epi32(v));
+        const __m256i lo0 = _mm256_and_si256(_mm256_srlv_epi32(pick2(l0, l1, v, 0xCC), lsh), m4);
+        const __m256i lo1 = _mm256_and_si256(_mm256_srlv_epi32(pick2(l2, l3, v, 0xCC), lsh), m4);
+        const __m256i hi0 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(h0, idx), hsh), m2);
+        const __m256i hi1 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_permutevar8x32_epi32(h1, idx), hsh), m2);
+        q[v] = (ub){_mm256_or_si256(lo0, _mm256_slli_epi32(hi0, 4)), _mm256_or_si256(lo1, _mm256_slli_epi32(hi1, 4))};
+    }
+}
+static inline ub ub_pair(__m256i a, __m256i b) { return (ub){a, b}; }
+#if defined(__AVXVNNI__)
+#define HAVE_DPBUSD 1
+#else /* Q8_0's products straight: |w| against x with w's signs (|w| <= 128: maddubs does not saturate) */
+#define HAVE_DPBUSD 0
+static inline __m256i dots8_256(__m256i w, __m256i x) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1));
+}
+static inline ii ii_dots8(ub w, const int8_t *x) {
+    return (ii){dots8_256(w.lo, _mm256_loadu_si256((const __m256i *)x)), dots8_256(w.hi, _mm256_loadu_si256((const __m256i *)(x + 32)))};
+}
+static inline ii ii_dots8_lo(ub w, const int8_t *x) {
+    return (ii){dots8_256(w.lo, _mm256_loadu_si256((const __m256i *)x)), _mm256_setzero_si256()};
+}
+#endif
+#endif
+
+/* int8 value order. x's int8 values of a K-quant super-block (256 values) are stored lane-major: byte 64 v + 4 l + i
+   (vector v, lane l, i < 4) holds value 16 l + 4 v + i, so lane l of all four 64-byte vectors covers values
+   16 l .. 16 l + 15 (Q6_K's sub-block l; lanes 2 j, 2 j + 1 are Q4_K's sub-block j), and a row's four dpbusd
+   accumulate each lane within one sub-block. The weights are unpacked to the same order (q4k_unpack,
+   q6k_unpack). Q5_0 / Q8_0 blocks keep their natural order, two blocks a vector. */
+
 int kx_alloc(kx_t *x, int T, int K) {
-    x->q = malloc(sizeof(int16_t) * (size_t)T * K);
     x->q8 = malloc((size_t)T * K);
     x->d = malloc(sizeof(float) * (size_t)T * (K / 32));
     x->s = malloc(sizeof(float) * (size_t)T * (K / 32));
-    x->s16 = malloc(sizeof(float) * (size_t)T * (K / 16));
-    return x->q && x->q8 && x->d && x->s && x->s16;
+    x->u8 = malloc((size_t)T * K);
+    return x->q8 && x->d && x->s && x->u8;
 }
 
-void kx_free(kx_t *x) { free(x->q), free(x->q8), free(x->d), free(x->s), free(x->s16); }
+void kx_free(kx_t *x) { free(x->q8), free(x->d), free(x->s), free(x->u8); }
 
 static inline int hsum_i32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -351,20 +450,18 @@ static inline int hsum_i32(__m256i v) {
     return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
 }
 
-/* 16 values x * inv rounded half-even, as int16 in order; stored as int16 (q) or int8 (q8); returns their sum. */
-static inline int round16(const float *x, __m256 inv, int16_t *q, int8_t *q8) {
+/* 16 values x * inv rounded half-even, stored in order as int8 at q8; returns their sum. */
+static inline int round16(const float *x, __m256 inv, int8_t *q8) {
     const int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     const __m256i n0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x), inv), mode));
     const __m256i n1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8), inv), mode));
     const __m256i v = _mm256_permute4x64_epi64(_mm256_packs_epi32(n0, n1), 0xD8); /* packs interleaves lanes */
-    if (q) _mm256_storeu_si256((__m256i *)q, v);
-    else _mm_storeu_si128((__m128i *)q8, _mm_packs_epi16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+    _mm_storeu_si128((__m128i *)q8, _mm_packs_epi16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
     return hsum_i32(_mm256_madd_epi16(v, _mm256_set1_epi16(1)));
 }
 
-/* One row x (K,) -> for F = 32: q (K,) and d (K / 32,); for F = 256: q8 (K,), d (K / 256,), s (K / 32,) and
-   s16 (K / 16,). The same code on every ISA build. */
-static void quantise_row(const float *x, int K, int F, int16_t *q, int8_t *q8, float *d, float *s, float *s16) {
+/* One row x (K,) -> kx_t's rows (see kquant.h). The same code on every ISA build. */
+static void quantise_row(const float *x, int K, int F, int8_t *q8, float *d, float *s, uint8_t *u8) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     for (int b = 0; b < K / F; b++) {
         const float *xb = x + (size_t)b * F;
@@ -376,149 +473,209 @@ static void quantise_row(const float *x, int K, int F, int16_t *q, int8_t *q8, f
         const float xd = big / 127.0f;
         const __m256 inv = _mm256_set1_ps(big > 0.0f ? 127.0f / big : 0.0f);
         if (F == 32) {
-            round16(xb, inv, q + (size_t)b * F, NULL), round16(xb + 16, inv, q + (size_t)b * F + 16, NULL);
+            int8_t *qb = q8 + (size_t)b * 32;
+            round16(xb, inv, qb), round16(xb + 16, inv, qb + 16);
         } else {
+            int8_t nat[256];
             for (int j = 0; j < 8; j++) {
-                const int s0 = round16(xb + 32 * j, inv, NULL, q8 + (size_t)b * F + 32 * j);
-                const int s1 = round16(xb + 32 * j + 16, inv, NULL, q8 + (size_t)b * F + 32 * j + 16);
-                s[b * 8 + j] = xd * (float)(s0 + s1);
-                s16[b * 16 + 2 * j] = xd * (float)s0, s16[b * 16 + 2 * j + 1] = xd * (float)s1;
+                const int s0 = round16(xb + 32 * j, inv, nat + 32 * j), s1 = round16(xb + 32 * j + 16, inv, nat + 32 * j + 16);
+                s[(size_t)b * 8 + j] = xd * (float)(s0 + s1);
             }
+            uint32_t in[64], out[64]; /* value 16 l + 4 v + i to byte 64 v + 4 l + i */
+            memcpy(in, nat, 256);
+            for (int v = 0; v < 4; v++)
+                for (int l = 0; l < 16; l++) out[16 * v + l] = in[4 * l + v];
+            memcpy(q8 + (size_t)b * 256, out, 256);
         }
         d[b] = xd;
     }
+    for (int i = 0; i < K; i += 32) /* x + 128 */
+        _mm256_storeu_si256((__m256i *)(u8 + i), _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q8 + i)),
+                                                                   _mm256_set1_epi8((char)0x80)));
 }
 
 void kq_quantise(const float *x, int T, int K, int family, kx_t *xq) {
 #pragma omp for schedule(static)
     for (int t = 0; t < T; t++)
-        quantise_row(x + (size_t)t * K, K, family, xq->q + (size_t)t * K, xq->q8 + (size_t)t * K,
-                     xq->d + (size_t)t * (K / family), xq->s + (size_t)t * (K / 32), xq->s16 + (size_t)t * (K / 16));
+        quantise_row(x + (size_t)t * K, K, family, xq->q8 + (size_t)t * K, xq->d + (size_t)t * (K / 32),
+                     xq->s + (size_t)t * (K / 32), xq->u8 + (size_t)t * K);
 }
 
-/* Scale pickers: element e of a chunk's 32 int16 scales (values 64c + 2e, +1) is sub-block scale idx[c][e]. */
-#define RUN8(v) v, v, v, v, v, v, v, v
-#define RUN16(v) RUN8(v), RUN8(v)
-static const int16_t Q4K_PICK[4][32] = {{RUN16(0), RUN16(1)}, {RUN16(2), RUN16(3)}, {RUN16(4), RUN16(5)},
-                                        {RUN16(6), RUN16(7)}};
-static const int16_t Q6K_PICK[4][32] = {{RUN8(0), RUN8(1), RUN8(2), RUN8(3)}, {RUN8(4), RUN8(5), RUN8(6), RUN8(7)},
-                                        {RUN8(8), RUN8(9), RUN8(10), RUN8(11)},
-                                        {RUN8(12), RUN8(13), RUN8(14), RUN8(15)}};
-
-/* ggml's get_scale_min_k4 on four words at once: the 12 scale bytes -> sc[0..8) in out[0..8), m in out[8..16). */
-static inline void q4k_scale_bytes(const uint8_t *s, uint8_t out[16]) {
-    uint32_t u[4];
+/* ggml's get_scale_min_k4 on four words at once, in a register: the 12 scale bytes -> sc[0..8) in bytes 0..8,
+   m[0..8) in bytes 8..16. */
+static inline __m128i q4k_scales_v(const uint8_t *s) {
+    uint32_t u[3];
     memcpy(u, s, 12);
     const uint32_t m6 = 0x3f3f3f3f, m4 = 0x0f0f0f0f, m2 = 0x03030303;
-    u[3] = ((u[2] >> 4) & m4) | (((u[1] >> 6) & m2) << 4); /* m[4..8) */
-    const uint32_t mins = u[1] & m6;                          /* m[0..4) */
-    u[1] = (u[2] & m4) | (((u[0] >> 6) & m2) << 4);           /* sc[4..8) */
-    u[2] = mins;
-    u[0] &= m6;                                               /* sc[0..4) */
-    memcpy(out, u, 16);
+    return _mm_setr_epi32((int)(u[0] & m6), (int)((u[2] & m4) | (((u[0] >> 6) & m2) << 4)), (int)(u[1] & m6),
+                          (int)(((u[2] >> 4) & m4) | (((u[1] >> 6) & m2) << 4)));
 }
 
-/* One row's integer sum over a super-block: 4 chunks of 64 unsigned weights q with int16 scales sc. */
-static inline vi dot256(const vb q[4], const vi sc[4], const int8_t *x) {
-    vi i0 = vi_dotb(vi_zero(), q[0], x, sc[0]), i1 = vi_dotb(vi_zero(), q[1], x + 64, sc[1]);
-    i0 = vi_dotb(i0, q[2], x + 128, sc[2]), i1 = vi_dotb(i1, q[3], x + 192, sc[3]);
-    return vi_add32(i0, i1);
-}
+/* The rows of x in a tile: row r's values at q8 + r K, its block scales d + r (K / 32) ... (kx_t's strides). */
+#define XQ(r, K) ((size_t)(r) * (size_t)(K))
 
-/* One Q4_K weight row against R <= TILE rows of x (q8 rows K apart, d rows K / 256, s rows K / 32). */
-static void row_q4k_int8(const kx_t *x, int R, int K, const uint8_t *wrow, float *y, int ldy) {
-    const int nb = K / 256;
-    vf acc[TILE];
-    __m256 macc[TILE]; /* the mins' 8 lanes */
-    for (int r = 0; r < R; r++) acc[r] = vf_zero(), macc[r] = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++) {
+/* One Q4_K weight row against R rows of x (R a constant after inlining). Per row and super-block: four dpbusd
+   give lane l the exact sum over 16 values of sub-block l / 2 (|sum| <= 16 * 15 * 127, an int16), pmaddwd
+   multiplies it by the sub-block's scale sc (an exact int32 below 2^21), and one fma adds it times d * xd into
+   float lane l; the mins' dmin m_j times xd sum_j qx go into 8 float lanes. The output is the fixed-tree sum of
+   the 16 lanes minus that of the 8. */
+static inline __attribute__((always_inline)) void q4k_tile(const kx_t *x, int R, int K, const uint8_t *wrow,
+                                                          int b0, int b1, float *state) {
+    vf acc[RT];
+    __m256 macc[RT];
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < R; r++) acc[r] = vf_load(state + 24 * r), macc[r] = _mm256_loadu_ps(state + 24 * r + 16);
+    for (int b = b0; b < b1; b++) {
         const uint8_t *blk = wrow + (size_t)b * 144;
         prefetch_block(blk, 144);
-        uint8_t sm[16];
-        q4k_scale_bytes(blk + 4, sm);
-        const __m256i s16 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)sm));
-        vb q[4];
-        vi sc[4];
-        for (int c = 0; c < 4; c++) q[c] = vb_halves(blk + 16 + 32 * c, 0, 4, 0x0F), sc[c] = vi_pick(s16, Q4K_PICK[c]);
+        const __m128i sm = q4k_scales_v(blk + 4);
+        const ii scale = ii_bytes_u(_mm_shuffle_epi8(sm, _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7)));
+        /* lane l: sc_(l/2), its high int16 zero */
+        ub q[4];
+        q4k_unpack(blk + 16, q);
         const float d = f16(blk);
-        const __m256 mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(sm + 8)))),
+        const __m256 mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))),
                                           _mm256_set1_ps(f16(blk + 2))); /* dmin m_j, exact */
+        _Pragma("GCC unroll 8")
         for (int r = 0; r < R; r++) {
-            const size_t rb = (size_t)r * nb + b;
-            acc[r] = vf_fma_i(acc[r], dot256(q, sc, x->q8 + (size_t)r * K + (size_t)b * 256), d * x->d[rb]);
-            macc[r] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(x->s + rb * 8), macc[r]);
+            const int8_t *xr = x->q8 + XQ(r, K) + (size_t)b * 256;
+            ii sum = ii_dpbusd(ii_zero(), q[0], xr);
+            sum = ii_dpbusd(sum, q[1], xr + 64), sum = ii_dpbusd(sum, q[2], xr + 128), sum = ii_dpbusd(sum, q[3], xr + 192);
+            acc[r] = vf_fma_ii(acc[r], ii_madd(sum, scale), vf_set1(d * x->d[(size_t)r * (K / 32) + b]));
+            macc[r] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(x->s + (size_t)r * (K / 32) + (size_t)b * 8), macc[r]);
         }
     }
-    for (int r = 0; r < R; r++) y[(size_t)r * ldy] = vf_hsum(acc[r]) - hsum8(macc[r]);
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < R; r++) vf_store(state + 24 * r, acc[r]), _mm256_storeu_ps(state + 24 * r + 16, macc[r]);
 }
 
-/* One Q6_K weight row against R <= TILE rows of x (q8 rows K apart, d rows K / 256, s16 rows K / 16). The
-   weights go in unsigned (q in 0..63); the offset 32 d sc_g times each 16 values' sum goes in 16 more lanes. */
-static void row_q6k_int8(const kx_t *x, int R, int K, const uint8_t *wrow, float *y, int ldy) {
-    const int nb = K / 256;
-    vf acc[TILE], oacc[TILE];
-    for (int r = 0; r < R; r++) acc[r] = oacc[r] = vf_zero();
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = wrow + (size_t)b * 210, *ql = blk, *qh = blk + 128;
+/* One Q6_K weight row against R rows of x. The weights go in unsigned (q in 0..63); each row's lanes start at
+   -32 times the sum of their 16 values of x, so after four dpbusd lane l holds the exact sum of (q - 32) qx over
+   sub-block l (|sum| <= 16 * 32 * 127); times the int8 scale sc_l it stays exact below 2^24 and is fma'd with
+   d * xd into float lane l. */
+static inline __attribute__((always_inline)) void q6k_tile(const kx_t *x, int R, int K, const uint8_t *wrow,
+                                                          int b0, int b1, float *state) {
+    vf acc[RT];
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < R; r++) acc[r] = vf_load(state + 24 * r);
+    for (int b = b0; b < b1; b++) {
+        const uint8_t *blk = wrow + (size_t)b * 210;
         prefetch_block(blk, 210);
-        const __m128i s8 = _mm_loadu_si128((const __m128i *)(blk + 192));
-        const __m256i s16 = _mm256_cvtepi8_epi16(s8);
-        vb q[4];
-        vi sc[4];
-        for (int c = 0; c < 4; c++) {
-            const int h = c / 2, u = c % 2; /* values 128 h + 64 u + (0..63) */
-            q[c] = vb_or(vb_nibbles(ql + 64 * h, u), vb_sll4(vb_halves(qh + 32 * h, 4 * u, 4 * u + 2, 0x03)));
-            sc[c] = vi_pick(s16, Q6K_PICK[c]);
-        }
+        const ii scale = ii_bytes_s(blk + 192);
+        ub q[4];
+        q6k_unpack(blk, blk + 128, q);
+        ii corr = ii_zero();
+        for (int v = 0; v < 4; v++) q[v] = ub_subc(q[v], 32), corr = ii_corr(corr, q[v]);
         const float d = f16(blk + 208);
-        float off[16]; /* 32 d sc_g, exact */
-        const __m256 d32 = _mm256_set1_ps(32.0f * d);
-        _mm256_storeu_ps(off, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s8)), d32));
-        _mm256_storeu_ps(off + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s8, 8))), d32));
+        _Pragma("GCC unroll 8")
         for (int r = 0; r < R; r++) {
-            const size_t rb = (size_t)r * nb + b;
-            acc[r] = vf_fma_i(acc[r], dot256(q, sc, x->q8 + (size_t)r * K + (size_t)b * 256), d * x->d[rb]);
-            oacc[r] = vf_fma(oacc[r], off, x->s16 + rb * 16);
+            const uint8_t *xr = x->u8 + XQ(r, K) + (size_t)b * 256;
+            ii sum = ii_dotu(corr, xr, q[0]);
+            sum = ii_dotu(sum, xr + 64, q[1]), sum = ii_dotu(sum, xr + 128, q[2]), sum = ii_dotu(sum, xr + 192, q[3]);
+            acc[r] = vf_fma_ii(acc[r], ii_mullo(sum, scale), vf_set1(d * x->d[(size_t)r * (K / 32) + b]));
         }
     }
-    for (int r = 0; r < R; r++) y[(size_t)r * ldy] = vf_hsum(acc[r]) - vf_hsum(oacc[r]);
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < R; r++) vf_store(state + 24 * r, acc[r]);
 }
 
-/* One Q5_0 / Q8_0 weight row against R <= TILE rows of x (x->q rows K apart, d rows K / 32). */
-static void row_b32_int8(const kx_t *x, int R, int K, const uint8_t *wrow, int kind, float *y, int ldy) {
-    const int nb = K / 32, bytes = kind_bytes(kind);
-    vf acc[TILE];
-    for (int r = 0; r < R; r++) acc[r] = vf_zero();
-    for (int b = 0; b < nb; b++) {
+/* A Q5_0 block's q in 0..31, or a Q8_0 block's q, as 32 bytes in value order. */
+static inline __m256i b32_bytes(const uint8_t *blk, int kind) {
+    if (kind == KIND_GGUF_Q8_0) return _mm256_loadu_si256((const __m256i *)(blk + 2)); /* signed */
+    uint32_t qh;
+    memcpy(&qh, blk + 2, 4);
+    const __m128i qs = _mm_loadu_si128((const __m128i *)(blk + 6)), low = _mm_set1_epi8(0x0F);
+    const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low), _mm_and_si128(qs, low));
+    return _mm256_sub_epi8(_mm256_or_si256(nib, _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10))),
+                           _mm256_set1_epi8(16)); /* q - 16 */
+}
+
+/* One Q5_0 / Q8_0 weight row against R rows of x, two blocks (64 values) a step: lane l holds the exact sum of
+   its 4 values' (q - 16) qx (Q5_0: unsigned q, the lane starting at -16 times its values' sum of x) or q qx
+   (Q8_0), fma'd with d * xd of its block into float lane l. An odd last block fills lanes 0..7. */
+static inline __attribute__((always_inline)) void b32_tile(const kx_t *x, int R, int K, const uint8_t *wrow,
+                                                          int kind, int b0, int b1, float *state) {
+    const int bytes = kind_bytes(kind), q8 = kind == KIND_GGUF_Q8_0;
+    (void)q8; /* the AVX2 build multiplies Q8_0 signed by signed */
+    vf acc[RT];
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < R; r++) acc[r] = vf_load(state + 24 * r);
+    int b = b0;
+    for (; b < b1; b += 2) {
         const uint8_t *blk = wrow + (size_t)b * bytes;
-        if (b % 2 == 0) prefetch_block(blk, 2 * bytes);
-        const vi w = b32_chunk(blk, kind);
-        const float d = f16(blk);
-        for (int r = 0; r < R; r++)
-            acc[r] = vf_fma_i(acc[r], vi_dot(vi_zero(), w, x->q + (size_t)r * K + (size_t)b * 32), d * x->d[(size_t)r * nb + b]);
+        const int two = b + 1 < b1; /* else an odd last block, in lanes 0..7 */
+        if (two) prefetch_block(blk, 2 * bytes);
+        const __m256i w0 = b32_bytes(blk, kind), w1 = two ? b32_bytes(blk + bytes, kind) : _mm256_setzero_si256();
+        const ub w = ub_pair(w0, w1);
+        const ii corr = ii_corr(ii_zero(), w);
+        const vf d = vf_pair(f16(blk), two ? f16(blk + bytes) : 0.0f);
+        _Pragma("GCC unroll 8")
+        for (int r = 0; r < R; r++) {
+            const float *xd = x->d + (size_t)r * (K / 32) + b;
+            const size_t at = XQ(r, K) + (size_t)b * 32;
+            ii sum;
+#if HAVE_DPBUSD
+            sum = two ? ii_dotu(corr, x->u8 + at, w) : ii_dotu_lo(corr, x->u8 + at, w);
+#else
+            if (q8) sum = two ? ii_dots8(w, x->q8 + at) : ii_dots8_lo(w, x->q8 + at);
+            else sum = two ? ii_dotu(corr, x->u8 + at, w) : ii_dotu_lo(corr, x->u8 + at, w);
+#endif
+            acc[r] = vf_fma_ii(acc[r], sum, vf_mul(d, vf_pair(xd[0], two ? xd[1] : 0.0f)));
+        }
     }
-    for (int r = 0; r < R; r++) y[(size_t)r * ldy] = vf_hsum(acc[r]);
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < R; r++) vf_store(state + 24 * r, acc[r]);
 }
 
+/* Rows t.. of x. Tiles keep each output's 16 float lanes (Q4_K: and its mins' 8) in state, 24 floats. */
+static inline kx_t kx_at(const kx_t *x, int t, int K) {
+    return (kx_t){x->q8 + (size_t)t * K, x->d + (size_t)t * (K / 32), x->s + (size_t)t * (K / 32), x->u8 + (size_t)t * K};
+}
+
+/* One register tile: R rows of x (R a constant in each case) against one weight row, over its blocks b0..b1. */
+static void tile_int8(const kx_t *x, int R, int K, const uint8_t *wrow, int kind, int b0, int b1, float *state) {
+#define CASE(n)                                                                                                      \
+    case n:                                                                                                          \
+        if (kind == KIND_GGUF_Q4_K) q4k_tile(x, n, K, wrow, b0, b1, state);                                          \
+        else if (kind == KIND_GGUF_Q6_K) q6k_tile(x, n, K, wrow, b0, b1, state);                                     \
+        else b32_tile(x, n, K, wrow, kind, b0, b1, state);                                                           \
+        break;
+    switch (R) {
+        CASE(8) CASE(7) CASE(6) CASE(5) CASE(4) CASE(3) CASE(2) default: CASE(1)
+    }
+#undef CASE
+}
+
+/* The threads share out groups of NG weight rows; each group passes over its rows of x in register tiles of RT
+   rows (each weight row read from memory once, then from L1). Tiles keep an output's lanes in `state` (blocks b0..b1
+   a call, so a long row could be split without changing an operation; chunking K measured slower while the
+   weights stream from memory, so every call covers the whole row). */
 void kq_linear_int8(const kx_t *xq, int T, int K, const uint8_t *w, int N, int kind, float *y, int ldy) {
-    const int F = kq_family(kind);
-    const size_t row_bytes = (size_t)(K / F) * kind_bytes(kind);
-    int chunk = X_CHUNK_BYTES / (int)(sizeof(int16_t) * K) / TILE * TILE;
-    if (chunk < TILE) chunk = TILE;
+    const int F = kq_family(kind), nb = K / F;
+    const size_t row_bytes = (size_t)nb * kind_bytes(kind);
+    int chunk = X_CHUNK_BYTES / (int)(2 * K) / RT * RT;
+    if (chunk < RT) chunk = RT;
     for (int t0 = 0; t0 < T; t0 += chunk) {
         const int end = T - t0 < chunk ? T : t0 + chunk;
 #pragma omp for schedule(static) nowait
-        for (int n = 0; n < N; n++)
-            for (int t = t0; t < end; t += TILE) {
-                const kx_t xt = {xq->q + (size_t)t * K, xq->q8 + (size_t)t * K, xq->d + (size_t)t * (K / F),
-                                 xq->s + (size_t)t * (K / 32), xq->s16 + (size_t)t * (K / 16)};
-                const int R = end - t < TILE ? end - t : TILE;
-                const uint8_t *wrow = w + (size_t)n * row_bytes;
-                float *yt = y + (size_t)t * ldy + n;
-                if (kind == KIND_GGUF_Q4_K) row_q4k_int8(&xt, R, K, wrow, yt, ldy);
-                else if (kind == KIND_GGUF_Q6_K) row_q6k_int8(&xt, R, K, wrow, yt, ldy);
-                else row_b32_int8(&xt, R, K, wrow, kind, yt, ldy);
+        for (int g = 0; g < (N + NG - 1) / NG; g++) {
+            const int n0 = g * NG, n1 = N - n0 < NG ? N : n0 + NG;
+            float state[NG * RT * 24];
+            for (int t = t0; t < end; t += RT) {
+                const kx_t xt = kx_at(xq, t, K);
+                const int R = end - t < RT ? end - t : RT;
+                float *yt = y + (size_t)t * ldy;
+                memset(state, 0, sizeof(float) * (size_t)(n1 - n0) * RT * 24);
+                for (int n = n0; n < n1; n++)
+                    tile_int8(&xt, R, K, w + (size_t)n * row_bytes, kind, 0, nb, state + (n - n0) * RT * 24);
+                for (int n = n0; n < n1; n++) /* the lanes' fixed tree: Q4_K's 16 minus its mins' 8 */
+                    for (int r = 0; r < R; r++) {
+                        const float *st = state + ((n - n0) * RT + r) * 24;
+                        yt[(size_t)r * ldy + n] = kind == KIND_GGUF_Q4_K ? vf_hsum(vf_load(st)) - hsum8(_mm256_loadu_ps(st + 16))
+                                                                         : vf_hsum(vf_load(st));
+                    }
             }
+        }
     }
 }
 
@@ -526,7 +683,7 @@ void kq_linear_int8(const kx_t *xq, int T, int K, const uint8_t *w, int N, int k
    Returns 0, or -1 when scratch memory cannot be had. */
 int kq_linear(const float *x, int T, int K, const uint8_t *w, int N, int kind, int int8, float *y, int ldy,
               int threads) {
-    kx_t xq = {NULL, NULL, NULL, NULL, NULL};
+    kx_t xq = {NULL, NULL, NULL, NULL};
     if (int8 && !kx_alloc(&xq, T, K)) {
         kx_free(&xq);
         return -1;

@@ -15,13 +15,16 @@ static inline int kq_is_gguf(int kind) { return kind >= KIND_GGUF_Q4_K && kind <
    shares one int8 scale in the int8 path. */
 static inline int kq_family(int kind) { return kind == KIND_GGUF_Q4_K || kind == KIND_GGUF_Q6_K ? 256 : 32; }
 
-/* x (T, K) rounded to int8 values per block of `family` values: d (T, K / family) scales; for family 32 the
-   values widened to int16, q (T, K); for family 256 the values q8 (T, K), and the sums of each 32 and each 16
-   values times d, s (T, K / 32) for Q4_K's mins and s16 (T, K / 16) for Q6_K's offset of 32. */
+/* x (T, K) rounded to int8 values per block of `family` values (kquant.c: "int8 value order"), row t of each
+   array at t times its row length:
+   q8 (T, K)       the int8 values: lane-major within each super-block (family 256), in order (family 32);
+   u8 (T, K)       the same plus 128, unsigned (for the kinds whose weights go in signed);
+   d (T, K / 32)   the scale xd of each block (the first K / family of a row);
+   s (T, K / 32)   family 256: xd times the sum of each 32 values (Q4_K's mins). */
 typedef struct {
-    int16_t *q;
     int8_t *q8;
-    float *d, *s, *s16;
+    float *d, *s;
+    uint8_t *u8;
 } kx_t;
 
 int kx_alloc(kx_t *x, int T, int K);
