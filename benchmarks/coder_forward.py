@@ -8,7 +8,7 @@ Every configuration runs once per round, rounds interleaved, so a noisy shared C
 table reports medians (and minima). A step feeds k tokens after a `context`-token prefix and keeps the logits of
 all k, as a verification does, then rolls back, so every measurement sees the same cache length. The bound is
 the bytes a step streams (every matmul weight and the head; one embedding row) at the best bandwidth of a plain
-read of as many bytes (torch sum over an int32 view) in the same rounds. llama-bench runs before and after the
+read of as many bytes (torch fp32 sum) in the same rounds. llama-bench runs before and after the
 rounds (tg64 and pp1..pp16 with -r 3), since it is a process of its own.
 """
 
@@ -32,8 +32,8 @@ KS = (1, 2, 4, 8, 16)
 
 
 def plain_read(n_bytes: int):
-    """A closure: one pass over n_bytes of memory that no cache holds (a fresh int32 sum), the bound's read."""
-    x = torch.ones(n_bytes // 4, dtype=torch.int32)
+    """A closure: one pass over n_bytes of memory that no cache holds (an fp32 sum), the bound's read."""
+    x = torch.ones(n_bytes // 4)  # float32: torch sums int32 far slower than memory reads
     return lambda: x.sum()
 
 
@@ -71,7 +71,7 @@ def main():
     parser.add_argument("--activations", choices=["int8", "fp32"], default="int8")
     parser.add_argument("--big", default="qwen2.5-coder-1.5b")
     parser.add_argument("--little", default="qwen2.5-coder-0.5b")
-    parser.add_argument("--llamacpp", default=None, help="llama.cpp's bin directory (benchmarks/llamacpp.sh)")
+    parser.add_argument("--llamacpp", default=None, help="llama.cpp's bin directory (benchmarks/llamacpp.sh); none skips llama-bench")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     paths = {name: model_files.path(alias) for name, alias in (("big", args.big), ("little", args.little))}
@@ -79,7 +79,7 @@ def main():
     int8 = args.activations == "int8"
     runners = {name: NativeRunner(gguf.load(p, int8=int8), max_length=args.context + 32) for name, p in paths.items()}
     print(f"loaded in {time.perf_counter() - t:.1f}s; {machine()}; activations {args.activations}")
-    bin_dir = args.llamacpp or default_bin_dir()
+    bin_dir = None if args.llamacpp == "none" else args.llamacpp or default_bin_dir()
     before = {n: llama_bench(bin_dir, p, args.threads) for n, p in paths.items()} if bin_dir else None
 
     context = [(7 * i) % 5000 + 100 for i in range(args.context)]
