@@ -31,7 +31,7 @@ FALLBACK = "use --engine hf (engine=\"hf\") to load it through transformers, whi
 
 
 @dataclass(frozen=True, slots=True)
-class Tensor_:
+class FileTensor:
     """One tensor of a GGUF file: its type name, shape in PyTorch order and bytes (a view of the memory map)."""
     name: str
     kind: str
@@ -50,9 +50,9 @@ class Tensors:
     path: str
     arch: str
     meta: dict
-    tensors: dict  # name -> Tensor_
+    tensors: dict  # name -> FileTensor
 
-    def get(self, name: str) -> Tensor_:
+    def get(self, name: str) -> FileTensor:
         if name not in self.tensors:
             raise BildError(f"{self.path}: tensor {name} is missing; the file is not a complete {self.arch} model")
         return self.tensors[name]
@@ -106,7 +106,7 @@ def _read(path: str, size: int, mtime: int) -> Tensors:
     for name, kind, shape, offset, n_bytes in found["tensors"]:
         if offset + n_bytes > data.size:  # the index was checked; the file could have changed under its key
             raise BildError(f"{path}: tensor {name} runs past the end of the file: the file is truncated")
-        tensors[name] = Tensor_(name, kind, tuple(shape), data[offset:offset + n_bytes])
+        tensors[name] = FileTensor(name, kind, tuple(shape), data[offset:offset + n_bytes])
     return Tensors(path, found["architecture"], found["meta"], tensors)
 
 
