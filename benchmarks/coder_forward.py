@@ -26,15 +26,9 @@ import torch
 from bild import kernels, model_files
 from bild.bench.designs import stepper
 from bild.native import NativeRunner, gguf, streamed_bytes
-from native_forward import interleaved, ms
+from native_forward import interleaved, memory_read, ms
 
 KS = (1, 2, 4, 8, 16)
-
-
-def plain_read(n_bytes: int):
-    """A closure: one pass over n_bytes of memory that no cache holds (an fp32 sum), the bound's read."""
-    x = torch.ones(n_bytes // 4)  # float32: torch sums int32 far slower than memory reads
-    return lambda: x.sum()
 
 
 def llama_bench(bin_dir: str, path: str, threads: int) -> dict:
@@ -86,7 +80,7 @@ def main():
     nbytes = streamed_bytes(runners["big"].model)
     steps = {f"big k={k}": stepper(runners["big"], context, k) for k in KS}
     steps["little k=1"] = stepper(runners["little"], context, 1)
-    steps[f"plain read of {nbytes / 1e6:.0f} MB"] = plain_read(nbytes)
+    steps[f"plain read of {nbytes / 1e6:.0f} MB"] = memory_read(nbytes)
     with torch.inference_mode():
         times = interleaved(steps, args.rounds)
     after = {n: llama_bench(bin_dir, p, args.threads) for n, p in paths.items()} if bin_dir else None
