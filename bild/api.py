@@ -84,7 +84,7 @@ class BigLittle:
             little_runner = big_runner.early_exit(models.early_exit_layers(spec))
         else:
             little_path = models.gguf_file(spec)
-            if little_path is None or models.gguf_summary(little_path)["architecture"] not in native.gguf.ARCHITECTURES:
+            if not models.reads_directly(little_path):
                 raise BildError(f"the little model beside {big} must be a GGUF file the native engine reads "
                                 f"directly, or early-exit:K; got {spec!r}")
             little_runner = native.NativeRunner(native.gguf.load(little_path, int8=int8))
@@ -101,8 +101,8 @@ class BigLittle:
         lossless relative to the big model as loaded: with bf16 or fp16, to its rounded weights.
         activations=None: int8 for a GGUF file the native engine reads directly (llama.cpp's arithmetic, its fast
         path), fp32 otherwise."""
-        path = models.gguf_file(big) if engine != "hf" else None
-        if path is not None and models.gguf_summary(path)["architecture"] in native.gguf.ARCHITECTURES:
+        path = models.gguf_file(big)
+        if engine != "hf" and models.reads_directly(path):
             bl = cls._load_gguf(big, path, little, activations)
             bl.defaults = models.pair_settings(big) if little is None else {}
             return bl
@@ -110,7 +110,7 @@ class BigLittle:
         little = little if little is not None else models.default_little(big)
         little_model = models.load_little(little, big_model, dtype=big_model.dtype, device=device)
         return cls(big_model, little_model, tokenizer, models.describe_little(little), engine=engine,
-                   activations=activations or "fp32", big_file=models.gguf_file(big))
+                   activations=activations or "fp32", big_file=path)
 
     def generate(self, prompt, **kwargs) -> GenerationResult:
         """Generate from a string, a list of token ids or a list of chat messages. See GenerationConfig."""

