@@ -68,7 +68,7 @@ def test_native_engine_reads_gguf_weights_as_blocks(gguf_llama):
     runner = NativeRunner.from_hf(gguf_llama, dtype=torch.float32)
     model = runner.model
     assert model.gguf_blocks and "q4_1/q8_0 blocks" in model.precision
-    assert all(isinstance(w, kernels.BlockWeight) for w in native._matmul_weights(model))
+    assert all(isinstance(w, kernels.BlockWeight) for w in native.matmul_weights(model))
     assert all(layer.fused is not None for layer in model.layers)  # whole layers run in blocks.c
     plain = NativeRunner.from_hf(tiny_llama(seed=3, layers=3), dtype=torch.float32).model
     assert not plain.gguf_blocks and not isinstance(plain.layers[0].wqkv, kernels.BlockWeight)
@@ -121,7 +121,7 @@ def test_a_separate_little_model_beside_blocks_runs_on_q8_0_blocks_with_the_big_
     bl = BigLittle(gguf_llama, little, tok, engine="native")
     m = bl.little_runner.model
     assert torch.equal(m.head.data, bl.big_runner.model.head.data)  # the big model's exact q8_0 head
-    assert all(w.kind == "q8_0" for w in native._matmul_weights(m)[:4])  # its own layers rounded
+    assert all(w.kind == "q8_0" for w in native.matmul_weights(m)[:4])  # its own layers rounded
     assert all(layer.fused is not None for layer in m.layers) and "rounded to q8_0" in m.precision
     ar = bl.generate([1, 7, 9], policy="ar", max_new_tokens=16).token_ids
     assert bl.generate([1, 7, 9], policy="speculative", gamma=3, fallback=0.0, max_new_tokens=16).token_ids == ar
@@ -200,7 +200,7 @@ def test_int8_runner_steps_equal_one_forward_and_stay_near_fp32(gguf_llama):
     exact = NativeRunner.from_hf(gguf_llama, dtype=torch.float32)
     runner = NativeRunner.from_hf(gguf_llama, dtype=torch.float32, int8=True)
     assert runner.model.int8 and "int8 activations" in runner.model.precision
-    assert all(w.int8 for w in native._matmul_weights(runner.model))
+    assert all(w.int8 for w in native.matmul_weights(runner.model))
     assert all(layer.fused is not None and layer.fused.int8 for layer in runner.model.layers)
     prompt, tail = [1, 5, 9, 30, 4], [77, 12, 3, 8, 40, 41, 42, 43, 44]
     for r in (exact, runner):

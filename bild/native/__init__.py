@@ -25,8 +25,6 @@ from .model import (STEP_TOKENS, KVCache, Layer, NativeConfig, NativeModel, Prec
 from .pack import onednn_weight, pack_like, pack_weight_like, round_blocks, with_int8
 from .runner import NativeRunner
 
-_matmul_weights = matmul_weights  # the name tests/test_kernels.py uses
-
 __all__ = ["gguf", "GreedyBatch", "greedy_batch", "config_supported", "context_length", "from_hf", "hf_config", "hf_layer", "supports",
            "bf16_supported", "fastest_dtype", "fp16_supported", "resolve_dtype", "apply_rope", "blocks", "decoder_layer", "mlp", "project_qkv",
            "final_norm", "forward", "head_logits", "linear", "project", "rms_norm", "STEP_TOKENS", "KVCache",
