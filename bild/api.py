@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from . import models, native
 from .cache import make_runner
 from .config import DEFAULT_BIG, GenerationConfig
+from .drafts import gguf as gguf_little
 from .errors import BildError
 from .loop import decode
 from .metrics import Stats
@@ -79,15 +80,7 @@ class BigLittle:
         int8 = activations != "fp32"
         big_runner = native.NativeRunner(native.gguf.load(path, int8=int8))
         spec = little if little is not None else models.default_little(big)
-        little_path = None
-        if spec is None or spec.startswith("early-exit"):
-            little_runner = big_runner.early_exit(models.early_exit_layers(spec))
-        else:
-            little_path = models.gguf_file(spec)
-            if not models.reads_directly(little_path):
-                raise BildError(f"the little model beside {big} must be a GGUF file the native engine reads "
-                                f"directly, or early-exit:K; got {spec!r}")
-            little_runner = native.NativeRunner(native.gguf.load(little_path, int8=int8))
+        little_runner, little_path = gguf_little_runner(spec, big_runner, int8)
         tokenizer = models.gguf_tokenizer(path)
         eos = {tokenizer.eos_token_id, *native.gguf.eos_ids(path)} - {None}
         return cls.from_runners(big_runner, little_runner, tokenizer, eos, models.describe_little(spec), path,
@@ -246,6 +239,20 @@ class _Output:
             return ""
         piece, self.emitted = text[self.emitted:end], end
         return piece
+
+
+def gguf_little_runner(spec: str | None, big_runner, int8: bool):
+    """-> (runner, its GGUF file or None) for the little model beside a big one read straight from its GGUF file:
+    an early exit of it (None or early-exit:K), a little model directory (bild.drafts.gguf) or a GGUF file."""
+    if spec is None or spec.startswith("early-exit"):
+        return big_runner.early_exit(models.early_exit_layers(spec)), None
+    if gguf_little.is_gguf_little(spec):  # a GGUF file's model with a reduced head or fewer layers
+        return native.NativeRunner(gguf_little.load(spec, int8=int8)), models.gguf_file(gguf_little.read(spec).model)
+    path = models.gguf_file(spec)
+    if not models.reads_directly(path):
+        raise BildError(f"the little model beside a GGUF big model must be a GGUF file the native engine reads "
+                        f"directly, a little model directory or early-exit:K; got {spec!r}")
+    return native.NativeRunner(native.gguf.load(path, int8=int8)), path
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

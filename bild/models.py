@@ -266,8 +266,11 @@ def load_little(spec: str | None, big: nn.Module, dtype=None, device=None) -> nn
 
 
 def describe_little(spec: str | None) -> str:
+    from .drafts import gguf as gguf_little
     from .drafts import recipe as draft
 
+    if gguf_little.is_gguf_little(spec):
+        return f"{spec}: {gguf_little.read(spec).describe()}"
     if spec is not None and draft.is_draft_dir(spec):
         recipe = draft.read_recipe(spec)
         alpha = (recipe.metrics or {}).get("alpha")

@@ -52,6 +52,8 @@ def add_commands(subparsers) -> None:
 
     sub.add_parser("sweep", help="train recipes (optional), then measure every draft: size, c, α, speedups",
                    fill=_sweep_command)
+    from .draft_gguf import add_vocab_command
+    add_vocab_command(sub)
     subparsers.add_parser("align", help="BiLD prediction alignment end to end (teacher caches, build, train, export)",
                           fill=_align_command)
 
@@ -77,7 +79,9 @@ def _sweep_command(p) -> None:
                    help='JSON list of {"name", "kind", "n_layers", "init", "vocab", "lr", "w_kd", "w_ce"} objects')
     p.add_argument("--drafts", nargs="*", default=[],
                    help="more little models to measure as they are: [NAME=]DRAFT_DIR or [NAME=]early-exit:K")
-    p.add_argument("--prompts", type=int, default=10, help="held-out ShareGPT prompts for the measured speedups")
+    p.add_argument("--prompts", type=int, default=10, help="held-out prompts for the measured speedups")
+    p.add_argument("--dataset", default=None, help="GGUF pairs: the bench dataset of those prompts "
+                                                   "(default humaneval-heldout); else held-out ShareGPT")
     p.add_argument("--gamma", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--no-measure", action="store_true", help="only train and export the recipes")
@@ -330,10 +334,14 @@ def cmd_sweep(args) -> None:
     here or given with --drafts) is measured side by side, see bild/bench/designs.py. Writes OUT/designs.md|json."""
     import torch
 
+    from .. import models
     from ..bench import designs as DS
     from ..bench.datasets import load_items
     from ..training.teacher import load_teacher_cache
     threads = _train_config(args, args.out).threads  # the training flags are checked before any work
+    if models.reads_directly(models.gguf_file(args.big)):
+        from .draft_gguf import sweep_gguf
+        return sweep_gguf(args, threads)
     try:
         recipes = json.loads(args.recipes)
     except ValueError as e:

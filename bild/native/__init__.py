@@ -21,13 +21,13 @@ from . import gguf
 from .forward import (apply_rope, blocks, decoder_layer, final_norm, forward, head_logits, linear, mlp, project,
                       project_qkv, rms_norm)
 from .model import (STEP_TOKENS, KVCache, Layer, NativeConfig, NativeModel, Precision, allocate_cache, early_exit,
-                    matmul_weights, rope_tables, streamed_bytes)
+                    keep_layers, matmul_weights, reduced_head, rope_tables, streamed_bytes)
 from .pack import onednn_weight, pack_like, pack_weight_like, round_blocks, with_int8
 from .runner import NativeRunner
 
 __all__ = ["gguf", "GreedyBatch", "greedy_batch", "config_supported", "context_length", "from_hf", "hf_config", "hf_layer", "supports",
            "bf16_supported", "fastest_dtype", "fp16_supported", "resolve_dtype", "apply_rope", "blocks", "decoder_layer", "mlp", "project_qkv",
            "final_norm", "forward", "head_logits", "linear", "project", "rms_norm", "STEP_TOKENS", "KVCache",
-           "Layer", "NativeConfig", "NativeModel", "Precision", "allocate_cache", "early_exit", "matmul_weights", "rope_tables",
+           "Layer", "NativeConfig", "NativeModel", "Precision", "allocate_cache", "early_exit", "keep_layers", "matmul_weights", "reduced_head", "rope_tables",
            "streamed_bytes", "onednn_weight", "pack_like", "pack_weight_like", "round_blocks", "with_int8",
            "NativeRunner"]

@@ -164,6 +164,35 @@ def early_exit(model: NativeModel, n_layers: int) -> NativeModel:
     return dataclasses.replace(model, config=config, layers=model.layers[:n_layers])
 
 
+def keep_layers(model: NativeModel, layers: list[int]) -> NativeModel:
+    """Only these layers, in this order (a layer-dropped little model), then the same final norm and head.
+    Shares every weight tensor; copies none."""
+    n = model.config.n_layers
+    if not layers or any(not 0 <= i < n for i in layers) or sorted(set(layers)) != list(layers):
+        raise ValueError(f"kept layers must be distinct increasing ids in 0..{n - 1}, got {layers}")
+    config = dataclasses.replace(model.config, n_layers=len(layers))
+    return dataclasses.replace(model, config=config, layers=[model.layers[i] for i in layers])
+
+
+def reduced_head(model: NativeModel, kept: Tensor) -> NativeModel:
+    """The head over the kept token ids only (their rows gathered once, a copy of N rows); the logits of every other
+    token are -inf, so a little model with it proposes only kept tokens and verification stays lossless."""
+    kept = torch.as_tensor(kept, dtype=torch.long)
+    V = model.config.vocab_size
+    if kept.ndim != 1 or not len(kept) or int(kept.min()) < 0 or int(kept.max()) >= V \
+            or len(torch.unique(kept)) != len(kept):
+        raise ValueError(f"kept ids must be distinct token ids in 0..{V - 1}")
+    if model.head_ids is not None:
+        raise ValueError("the head is already reduced")
+    kept = kept.sort().values
+    head = model.head
+    if isinstance(head, BlockWeight):
+        head = dataclasses.replace(head, data=head.data.index_select(0, kept), shape=(len(kept), head.shape[1]))
+    else:
+        head = head.index_select(0, kept)  # (N, dim)
+    return dataclasses.replace(model, head=head, head_ids=kept)
+
+
 def allocate_cache(config: NativeConfig, max_length: int, dtype: torch.dtype) -> KVCache:
     """Uninitialised on purpose: nothing past the valid prefix is ever read, and untouched pages cost nothing."""
     shape = (1, config.n_kv_heads, max_length, config.head_dim)  # (B, H_kv, S, D)

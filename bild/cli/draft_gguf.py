@@ -1,0 +1,94 @@
+"""`bild draft vocab` and `bild draft sweep` for a pair read straight from GGUF files (the coder pair): little models
+made from the little file by transforms that add no weights (bild.drafts.gguf), measured side by side."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ..errors import BildError
+
+OUTPUTS_FILE = "big_outputs.jsonl"
+
+
+def add_vocab_command(sub) -> None:
+    p = sub.add_parser("vocab", help="rank the big model's output tokens on calibration prompts and write little "
+                                     "model directories with reduced heads (GGUF pairs)")
+    p.add_argument("out")
+    p.add_argument("--big", default="qwen2.5-coder-1.5b")
+    p.add_argument("--little", default="qwen2.5-coder-0.5b", help="the GGUF model the heads are cut from")
+    p.add_argument("--sizes", default="8192,16384,32768", help="head sizes, comma separated")
+    p.add_argument("--code", type=int, default=82, help="HumanEval calibration problems (even task numbers)")
+    p.add_argument("--chat", type=int, default=80, help="ShareGPT calibration prompts")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(handler=cmd_vocab)
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise BildError(f"--sizes must be integers separated by commas, got {text!r}", field="sizes") from None
+    if not sizes or min(sizes) < 1:
+        raise BildError(f"--sizes must be positive, got {text!r}", field="sizes")
+    return sizes
+
+
+def cmd_vocab(args) -> None:
+    import torch
+
+    from ..api import BigLittle
+    from ..drafts import gguf as gguf_little
+    from ..training import vocab
+    from ..training.teacher import text_token_stream
+    sizes = _sizes(args.sizes)
+    torch.set_num_threads(args.threads)
+    bl = BigLittle.load(args.big, little="early-exit:1")  # only the big model decodes here
+    os.makedirs(args.out, exist_ok=True)
+    prompts = vocab.calibration_prompts(args.code, args.chat)
+    tok = bl.tokenizer
+    outputs = vocab.big_outputs(bl.big_runner.model, bl.encode, prompts, os.path.join(args.out, OUTPUTS_FILE),
+                                args.max_new_tokens, bl.eos_ids, tok.eos_token_id, args.batch)
+    always = sorted(bl.eos_ids | set(tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])) - {None})
+    ranked = vocab.rank(outputs, text_token_stream(tok, 1_000_000), bl.big_runner.vocab_size, always)
+    covered = vocab.coverage(outputs, ranked, sizes)
+    summary = {"big": args.big, "little": args.little, "prompts": len(outputs),
+               "tokens": sum(map(len, outputs)), "distinct": len({t for row in outputs for t in row}),
+               "coverage": {str(n): covered[n] for n in sizes}}
+    for n in sizes:
+        gguf_little.save(os.path.join(args.out, f"{args.little}-vocab{n}"),
+                         gguf_little.GGUFLittle(args.little, n, metrics={"calibration_coverage": covered[n]}), ranked)
+    with open(os.path.join(args.out, "vocab.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(json.dumps(summary, indent=1))
+
+
+def sweep_gguf(args, threads: int) -> None:
+    """`bild draft sweep` when the big model is a GGUF file the native engine reads: the --drafts little models
+    (GGUF aliases or paths, little model directories, early-exit:K) measured side by side, see
+    bild/bench/littles.py. Writes OUT/littles.md|json."""
+    import torch
+
+    from ..bench import littles as L
+    from ..bench.datasets import load_items
+    from ..bench.runner import machine
+    if args.recipes != "[]":
+        raise BildError("draft sweep: training recipes need a transformers big model; for a GGUF pair give "
+                        "--drafts (little model directories, GGUF files or early-exit:K)", field="recipes")
+    if not args.drafts:
+        raise BildError("draft sweep: nothing to measure; give --drafts", field="drafts")
+    torch.set_num_threads(threads)
+    designs = [L.Little(*(d.split("=", 1) if "=" in d else (os.path.basename(d.rstrip("/")), d))) for d in args.drafts]
+    items = load_items(args.dataset or "humaneval-heldout", args.prompts)
+    rows = L.sweep(L.pairs(args.big, designs), items, args.gamma, args.max_new_tokens)
+    settings = {"big": args.big, "dataset": args.dataset or "humaneval-heldout", "prompts": len(items),
+                "max_new_tokens": args.max_new_tokens, "gamma": args.gamma, "threads": threads,
+                "drafts": args.drafts, "machine": machine()}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "littles.json"), "w") as f:
+        json.dump({"settings": settings, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, "littles.md"), "w") as f:
+        f.write(L.markdown(rows))
+    print(L.markdown(rows))

@@ -1,0 +1,93 @@
+"""Little models made from a GGUF file the native engine reads, by transforms that add no weights: a reduced-vocabulary
+head (the kept token ids) and kept layers. Their directory holds only the recipe and the ids; the weights stay in the
+file (model_files installs it).
+
+    bild_little.json   {"model": alias or .gguf path, "vocab_size": N or null, "layers": [ids] or null, "metrics": {}}
+    vocab_ids.json     token ids ranked by how often the big model emitted them on calibration prompts (most first);
+                       the head keeps the first vocab_size
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..errors import BildError
+
+RECIPE_FILE = "bild_little.json"
+VOCAB_FILE = "vocab_ids.json"
+
+
+@dataclass(slots=True)
+class GGUFLittle:
+    model: str = "qwen2.5-coder-0.5b"  # the GGUF file: an alias of model_files or a path
+    vocab_size: int | None = None      # head over the first vocab_size ranked ids (None: the whole vocabulary)
+    layers: list[int] | None = None    # keep only these layers (None: all)
+    metrics: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise BildError(f"vocab_size must be >= 1, got {self.vocab_size}", field="vocab_size")
+
+    def describe(self) -> str:
+        parts = [f"{self.vocab_size} of its tokens in the head" if self.vocab_size else "",
+                 f"layers {','.join(map(str, self.layers))}" if self.layers else ""]
+        alpha = self.metrics.get("alpha")
+        parts.append(f"acceptance {alpha:.2f} at draft position 1" if isinstance(alpha, float) else "")
+        return f"{self.model} ({'; '.join(p for p in parts if p)})"
+
+
+def is_gguf_little(path) -> bool:
+    return isinstance(path, str) and os.path.isfile(os.path.join(path, RECIPE_FILE))
+
+
+def read(path: str) -> GGUFLittle:
+    try:
+        with open(os.path.join(path, RECIPE_FILE)) as f:
+            return GGUFLittle(**json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        raise BildError(f"{path}: not a readable little model recipe ({type(e).__name__}: {e})") from e
+
+
+def kept_ids(path: str, recipe: GGUFLittle) -> torch.Tensor | None:
+    """The head's kept ids (sorted), or None for a full head."""
+    if recipe.vocab_size is None:
+        return None
+    with open(os.path.join(path, VOCAB_FILE)) as f:
+        ranked = json.load(f)
+    if len(ranked) < recipe.vocab_size:
+        raise BildError(f"{path}: {VOCAB_FILE} ranks {len(ranked)} ids, fewer than vocab_size {recipe.vocab_size}")
+    return torch.tensor(sorted(ranked[:recipe.vocab_size]), dtype=torch.long)
+
+
+def load(path: str, int8: bool = True):
+    """The little model as a NativeModel on its file's own blocks (shares the memory map; the head's kept rows are
+    a copy of N rows)."""
+    from .. import models
+    from ..native import gguf, keep_layers, reduced_head
+
+    recipe = read(path)
+    model = gguf.load(models.gguf_file(recipe.model), int8=int8)
+    if recipe.layers:
+        try:
+            model = keep_layers(model, recipe.layers)
+        except ValueError as e:
+            raise BildError(f"{path}: {e}", field="layers") from e
+    ids = kept_ids(path, recipe)
+    return model if ids is None else reduced_head(model, ids)
+
+
+def save(path: str, recipe: GGUFLittle, ranked: list[int] | None = None) -> None:
+    """Write a little model directory; `ranked` (needed with vocab_size) is stored cut to vocab_size."""
+    os.makedirs(path, exist_ok=True)
+    if recipe.vocab_size is not None:
+        if ranked is None or len(ranked) < recipe.vocab_size:
+            raise ValueError("a reduced head needs at least vocab_size ranked ids")
+        with open(os.path.join(path, VOCAB_FILE), "w") as f:
+            json.dump([int(i) for i in ranked[:recipe.vocab_size]], f)
+    with open(os.path.join(path, RECIPE_FILE), "w") as f:
+        json.dump(asdict(recipe), f, indent=1)
+        f.write("\n")
