@@ -224,9 +224,15 @@ def test_budgets_and_choice():
     assert ppl.relative and ppl.ok({"ppl": 10.2}, {"ppl": 10.0}) and not ppl.ok({"ppl": 10.4}, {"ppl": 10.0})
     assert parse_budget("identical >= 0.5").metric == "identical_to_ar"
     for bad, message in [("rouge_l<=0.9", "lower bound"), ("ppl>=3", "upper bound"), ("speed>=2", "unknown"),
-                         ("rouge_l>=90%", "ppl only"), ("rouge_l>0.9", "cannot parse"), ("ppl<=+3", "ppl<=\\+3%")]:
+                         ("rouge_l>=90%", "for ppl and pass@1, not rouge_l"), ("rouge_l>0.9", "cannot parse"),
+                         ("ppl<=+3", "written ppl<=\\+N%"), ("pass@1>=-1%", "written pass@1>=-Npt"),
+                         ("pass@1<=0.5", "lower bound")]:
         with pytest.raises(BildError, match=message):
             parse_budget(bad)
+    points = parse_budget("pass@1>=-1pt")  # at most one point (of 100) below ar's pass@1
+    assert str(points) == "pass@1>=-1pt" and points.metric == "pass_at_1"
+    assert points.ok({"pass_at_1": 0.5}, {"pass_at_1": 0.505}) and not points.ok({"pass_at_1": 0.49}, {"pass_at_1": 0.505})
+    assert parse_budget("pass@1>=0.6").ok({"pass_at_1": 0.6}, {}) and not parse_budget("pass@1>=0.6").relative
     rows = {"ar": {"rouge_l": 1.0, "speedup_vs_ar": 1.0, "ppl": 5.0},
             "bild:fallback=0.9,rollback=2": {"rouge_l": 0.97, "speedup_vs_ar": 1.2},
             "bild:fallback=0.5,rollback=5": {"rouge_l": 0.85, "speedup_vs_ar": 1.9},
@@ -297,6 +303,15 @@ def test_tune_command_uses_calibration_prompts_and_writes_config(llama_dir, tmp_
     assert tuned["generate"]["policy"] == "bild" and set(tuned["generate"]) == {"policy", "fallback", "rollback"}
     assert tuned["tuned"]["budget"] == "rouge_l>=0"
     assert main(argv[:-5] + ["--budget", "rouge_l>=1.01", "--write", str(config), "--no-progress"]) == 1
+    pair = tmp_path / "pair.json"  # a pair's file keeps its other settings; only the tuned ones change
+    pair.write_text(json.dumps({"generate": {"lookup": 3, "fallback": 0.1}}))
+    again = [str(tmp_path / "tune-he") if a == str(out) else a for a in argv[:-2]]
+    assert main(again + [str(pair), "--no-progress", "--dataset", "humaneval-calibration"]) == 0
+    assert seen[-1] == "humaneval-calibration"
+    tuned = json.loads(pair.read_text())
+    assert tuned["generate"]["lookup"] == 3 and tuned["generate"]["fallback"] in (0, 0.99)
+    with pytest.raises(SystemExit):  # tuning never reads a held-out set
+        main(argv + ["--dataset", "humaneval-heldout"])
 
 
 def test_llamacpp_is_skipped_with_a_message_when_missing(monkeypatch):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..errors import BildError
 
 NAMES = ("sharegpt", "sharegpt-calibration", "humaneval", "humaneval-calibration", "humaneval-heldout", "jsonl:PATH")
+CALIBRATION = ("sharegpt-calibration", "humaneval-calibration")  # what tuning may read: never a held-out set
 HUMANEVAL_HALVES = {"humaneval": None, "humaneval-calibration": 0, "humaneval-heldout": 1}  # task number % 2
 
 

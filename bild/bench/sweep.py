@@ -71,45 +71,52 @@ def plot_pareto(rows: dict[str, dict], path: str, title: str = "") -> None:
 
 @dataclass(frozen=True, slots=True)
 class Budget:
-    metric: str        # rouge_l, bleu, identical_to_ar or ppl
+    metric: str        # rouge_l, bleu, identical_to_ar, ppl or pass_at_1
     op: str            # ">=" or "<="
     value: float
-    relative: bool     # ppl only: value is a percentage over ar's perplexity
+    relative: bool     # ppl: value is a percentage over ar's perplexity; pass_at_1: points (of 100) below ar's
 
     def ok(self, row: dict, ar_row: dict) -> bool:
         got = row.get(self.metric)
         if got is None or (isinstance(got, float) and math.isnan(got)):
             return False
         limit = self.value
-        if self.relative:
+        if self.relative and self.metric == "ppl":
             limit = ar_row["ppl"] * (1 + self.value / 100)
-        return got >= limit if self.op == ">=" else got <= limit
+        elif self.relative:
+            limit = ar_row["pass_at_1"] - self.value / 100
+        return got >= limit - 1e-12 if self.op == ">=" else got <= limit
 
     def __str__(self) -> str:
+        if self.relative and self.metric == "pass_at_1":
+            return f"pass@1>=-{self.value:g}pt"
         return f"{self.metric}{self.op}{'+' if self.relative else ''}{self.value:g}{'%' if self.relative else ''}"
 
 
-METRICS = {"rouge_l": ">=", "bleu": ">=", "identical": ">=", "identical_to_ar": ">=", "ppl": "<="}
-_BUDGET = re.compile(r"^\s*([a-z_]+)\s*(>=|<=)\s*(\+?)\s*(\d+(?:\.\d*)?|\.\d+)\s*(%?)\s*$")
+METRICS = {"rouge_l": ">=", "bleu": ">=", "identical": ">=", "identical_to_ar": ">=", "ppl": "<=", "pass@1": ">="}
+_BUDGET = re.compile(r"^\s*([a-z_@1]+)\s*(>=|<=)\s*([+-]?)\s*(\d+(?:\.\d*)?|\.\d+)\s*(%|pt)?\s*$")
+EXAMPLES = "rouge_l>=0.9, bleu>=40, identical>=0.5, ppl<=+3% (over ar), ppl<=12, pass@1>=-1pt (below ar) or pass@1>=0.6"
 
 
 def parse_budget(text: str) -> Budget:
-    """'rouge_l>=0.9', 'bleu>=40', 'identical>=0.5', 'ppl<=+3%' (relative to ar) or 'ppl<=12'."""
+    """One of EXAMPLES: a floor or ceiling on a metric, absolute, or relative to ar's (ppl in %, pass@1 in points)."""
     m = _BUDGET.match(text)
     if not m:
-        raise BildError(f"cannot parse budget {text!r}; examples: rouge_l>=0.9, bleu>=40, ppl<=+3%", field="budget")
-    metric, op, plus, value, percent = m.groups()
+        raise BildError(f"cannot parse budget {text!r}; examples: {EXAMPLES}", field="budget")
+    metric, op, sign, value, unit = m.groups()
     if metric not in METRICS:
-        raise BildError(f"unknown budget metric {metric!r}; choose one of rouge_l, bleu, identical, ppl", field="budget")
+        raise BildError(f"unknown budget metric {metric!r}; choose one of rouge_l, bleu, identical, ppl, pass@1",
+                        field="budget")
     if op != METRICS[metric]:
         raise BildError(f"a {metric} budget is a {'lower' if METRICS[metric] == '>=' else 'upper'} bound: "
                         f"use {metric}{METRICS[metric]}...", field="budget")
-    if (plus or percent) and metric != "ppl":
-        raise BildError(f"relative budgets (+N%) are for ppl only, not {metric}", field="budget")
-    if plus and not percent:
-        raise BildError(f"write a relative perplexity budget as ppl<=+{value}%", field="budget")
-    metric = "identical_to_ar" if metric == "identical" else metric
-    return Budget(metric, op, float(value), relative=bool(percent))
+    relative = {"ppl": ("+", "%"), "pass@1": ("-", "pt")}.get(metric)
+    if (sign or unit) and (relative is None or (sign, unit) != relative):
+        form = f"{metric}{op}{relative[0]}N{relative[1]}" if relative else "absolute values only"
+        raise BildError(f"a relative {metric} budget is written {form}, not {text!r}"
+                        if relative else f"relative budgets are for ppl and pass@1, not {metric}", field="budget")
+    metric = {"identical": "identical_to_ar", "pass@1": "pass_at_1"}.get(metric, metric)
+    return Budget(metric, op, float(value), relative=bool(unit))
 
 
 def choose(rows: dict[str, dict], budget: Budget) -> str | None:

@@ -10,7 +10,9 @@ import os
 import shlex
 import sys
 
-from ..config import GenerationConfig
+from ..bench.datasets import CALIBRATION
+from ..bench.sweep import EXAMPLES
+from ..config import GenerationConfig, read_settings
 from ..errors import BildError
 from .args import add_fields, add_model_args, given
 
@@ -43,8 +45,11 @@ def add_commands(sub) -> None:
     add_model_args(tune)
     _add_run_args(tune, dataset_choice=False, limit=10)
     _add_grid_args(tune)
-    tune.add_argument("--budget", required=True, help="rouge_l>=0.9, bleu>=40, identical>=0.5, ppl<=+3%% or ppl<=12")
-    tune.add_argument("--write", default=None, help="config file to write (default OUT/tuned.json)")
+    tune.add_argument("--dataset", default="sharegpt-calibration", choices=CALIBRATION,
+                      help="calibration prompts: never a held-out set (default sharegpt-calibration)")
+    tune.add_argument("--budget", required=True, help=EXAMPLES.replace("%", "%%"))
+    tune.add_argument("--write", default=None, help="config file to write (default OUT/tuned.json); an existing "
+                                                    "one keeps its other generate settings (e.g. a pair's lookup)")
     tune.set_defaults(handler=cmd_tune)
 
 
@@ -117,7 +122,7 @@ def cmd_tune(args) -> int:
 
     budget = parse_budget(args.budget)
     methods = grid(parse_floats(args.fallback, "fallback"), parse_floats(args.rollback, "rollback"), [])
-    records, little = _run(args, methods, "sharegpt-calibration")  # never the held-out prompts
+    records, little = _run(args, methods, args.dataset)  # never the held-out prompts
     labels = [m.label for m in methods]
     _report(records, labels, args.out)
     summary = summarize(records, labels)
@@ -127,17 +132,23 @@ def cmd_tune(args) -> int:
         return 1
     row = summary["methods"][best]
     chosen = next(m for m in methods if m.label == best).kwargs
-    config = {"generate": {"policy": "bild", **chosen},
-              "tuned": {"budget": str(budget), "method": best, "big": args.big, "little": little,
-                        "dataset": "sharegpt-calibration", "prompts": summary["prompts"],
-                        "max_new_tokens": _max_new_tokens(args),
-                        **{k: row.get(k) for k in ("speedup_vs_ar", "rouge_l", "bleu", "ppl", "identical_to_ar")},
-                        "ar_ppl": summary["methods"]["ar"].get("ppl")}}
     path = args.write or os.path.join(args.out, "tuned.json")
+    kept = read_settings(path) if os.path.isfile(path) else {}
+    ar = summary["methods"]["ar"]
+    config = {"generate": {**kept, "policy": "bild", **chosen},
+              "tuned": {"budget": str(budget), "method": best, "big": args.big, "little": little,
+                        "dataset": args.dataset, "prompts": summary["prompts"],
+                        "max_new_tokens": _max_new_tokens(args),
+                        **{k: row.get(k) for k in ("speedup_vs_ar", "rouge_l", "bleu", "ppl", "identical_to_ar",
+                                                   "pass_at_1")},
+                        "ar_ppl": ar.get("ppl"), "ar_pass_at_1": ar.get("pass_at_1")}}
     with open(path, "w") as f:
         json.dump(config, f, indent=2)
+        f.write("\n")
+    quality = f"pass@1 {row['pass_at_1']:.3f} (ar {ar['pass_at_1']:.3f})" if row.get("pass_at_1") is not None \
+        else f"ROUGE-L {row['rouge_l']:.3f}"
     print(f"chosen: fallback={chosen['fallback']:g} rollback={chosen['rollback']:g} "
-          f"(speedup {row['speedup_vs_ar']:.2f}x, ROUGE-L {row['rouge_l']:.3f}) -> {path}")
+          f"(speedup {row['speedup_vs_ar']:.2f}x, {quality}) -> {path}")
     if row["speedup_vs_ar"] < 1:
         print("note: no bild setting within the budget beat ar on these prompts; ar alone is faster", file=sys.stderr)
     return 0
