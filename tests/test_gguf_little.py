@@ -143,3 +143,18 @@ def test_the_little_sweep_measures_every_little_side_by_side(files, tmp_path, to
         assert 0 <= r["alpha"] <= 1 and len(r["alpha_by_position"]) <= 3 and r["tokens_per_call"] >= 1
     text = littles.markdown(rows)
     assert "| reduced |" in text and "identical to ar: plain yes, reduced yes, exit yes" in text
+
+
+def test_block_influence_ranks_a_layer_that_does_nothing_last(files):
+    import dataclasses
+
+    from bild.training import layers
+    model = G.load(str(files / "big.gguf"), int8=False)  # float32 weights
+    idle = model.layers[1]  # adds nothing to the residual stream: its input is its output
+    model.layers[1] = dataclasses.replace(idle, wo=torch.zeros_like(idle.wo), w2=torch.zeros_like(idle.w2), fused=None)
+    influence = layers.block_influence(model, [IDS, IDS[:5]])
+    assert len(influence) == 2 and influence[1] < 1e-9 < influence[0]
+    assert layers.most_influential(influence, 1) == [0]
+    assert layers.most_influential([0.3, 0.1, 0.2], 2) == [0, 2]
+    with pytest.raises(ValueError, match="keep 1..3"):
+        layers.most_influential([0.3, 0.1, 0.2], 4)

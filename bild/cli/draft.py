@@ -4,7 +4,10 @@
     draft teacher OUT                cache the big model's greedy outputs + top-k logits on prompts
     draft train   RUN                train a run directory (made by `draft build --run`) on a teacher cache
     draft export  RUN OUT            measure the best checkpoint of a run and save it as a draft directory
-    draft sweep   OUT                short runs of several recipes on one teacher cache; a table of α
+    draft sweep   OUT                short runs of several recipes on one teacher cache; a table of α (a GGUF
+                                     pair: its --drafts measured side by side, bild/bench/littles.py)
+    draft vocab   OUT                GGUF pairs: rank the big model's output tokens; reduced-head littles
+    draft layers  OUT                GGUF pairs: layer influence; layer-dropped littles (untrained)
     align         RUN                BiLD prediction alignment end to end: teacher caches, build, train, export
 
 Training code (bild.training, torch) is imported inside the handlers, and the teacher and training flags, which
@@ -52,8 +55,9 @@ def add_commands(subparsers) -> None:
 
     sub.add_parser("sweep", help="train recipes (optional), then measure every draft: size, c, α, speedups",
                    fill=_sweep_command)
-    from .draft_gguf import add_vocab_command
+    from .draft_gguf import add_layers_command, add_vocab_command
     add_vocab_command(sub)
+    add_layers_command(sub)
     subparsers.add_parser("align", help="BiLD prediction alignment end to end (teacher caches, build, train, export)",
                           fill=_align_command)
 

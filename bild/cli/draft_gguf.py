@@ -26,13 +26,54 @@ def add_vocab_command(sub) -> None:
     p.set_defaults(handler=cmd_vocab)
 
 
-def _sizes(text: str) -> list[int]:
+def add_layers_command(sub) -> None:
+    p = sub.add_parser("layers", help="measure each layer's influence on the big model's outputs and write "
+                                      "layer-dropped little model directories (GGUF pairs; untrained)")
+    p.add_argument("out")
+    p.add_argument("--from", dest="vocab_dir", required=True, help="a `bild draft vocab` output directory")
+    p.add_argument("--little", default="qwen2.5-coder-0.5b")
+    p.add_argument("--keep", default="12,16,20", help="layer counts to keep, comma separated")
+    p.add_argument("--vocab", type=int, default=None, help="also a reduced head of this size (from --from)")
+    p.add_argument("--sequences", type=int, default=40, help="big-model outputs the influence is measured on")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(handler=cmd_layers)
+
+
+def cmd_layers(args) -> None:
+    import torch
+
+    from .. import models
+    from ..drafts import gguf as gguf_little
+    from ..native import gguf
+    from ..training import layers
+    keeps = _sizes(args.keep, "keep")
+    torch.set_num_threads(args.threads)
+    with open(os.path.join(args.vocab_dir, OUTPUTS_FILE)) as f:
+        sequences = [r["tokens"] for r in map(json.loads, f)][:args.sequences]
+    ranked = None
+    if args.vocab:
+        with open(os.path.join(args.vocab_dir, f"{args.little}-vocab{args.vocab}", gguf_little.VOCAB_FILE)) as f:
+            ranked = json.load(f)
+    model = gguf.load(models.gguf_file(args.little))
+    influence = layers.block_influence(model, sequences)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "influence.json"), "w") as f:
+        json.dump({"little": args.little, "sequences": len(sequences), "tokens": sum(map(len, sequences)),
+                   "block_influence": influence}, f, indent=1)
+    for n in keeps:
+        kept = layers.most_influential(influence, n)
+        name = f"{args.little}-keep{n}" + (f"-vocab{args.vocab}" if args.vocab else "")
+        gguf_little.save(os.path.join(args.out, name), gguf_little.GGUFLittle(args.little, args.vocab, kept), ranked)
+        print(f"{name}: layers {kept}")
+
+
+def _sizes(text: str, name: str = "sizes") -> list[int]:
     try:
         sizes = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise BildError(f"--sizes must be integers separated by commas, got {text!r}", field="sizes") from None
+        raise BildError(f"--{name} must be integers separated by commas, got {text!r}", field=name) from None
     if not sizes or min(sizes) < 1:
-        raise BildError(f"--sizes must be positive, got {text!r}", field="sizes")
+        raise BildError(f"--{name} must be positive, got {text!r}", field=name)
     return sizes
 
 
