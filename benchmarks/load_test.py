@@ -1,6 +1,6 @@
 """Load test for `bild serve`: concurrent clients against a real server on loopback.
 
-    .venv/bin/python benchmarks/load_test.py [--clients 32] [--requests 8] [--max-tokens 32] [--big smollm2-135m]
+    .venv/bin/python benchmarks/load_test.py [--clients 32] [--requests 8] [--max-tokens 32] [--big qwen2.5-coder-1.5b]
 
 Starts `bild serve` on a free 127.0.0.1 port, runs clients × requests through the official openai client
 (a mix of completions and chat, streamed and not, greedy and seeded sampling), then checks:
@@ -70,7 +70,7 @@ def main() -> int:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--big", default="smollm2-135m")
+    p.add_argument("--big", default="qwen2.5-coder-1.5b")
     p.add_argument("--little", default=None)
     p.add_argument("--policy", default="bild")
     p.add_argument("--clients", type=int, default=32)

@@ -142,6 +142,7 @@ def test_the_little_sweep_measures_every_little_side_by_side(files, tmp_path, to
     for r in rows:
         assert 0 <= r["alpha"] <= 1 and len(r["alpha_by_position"]) <= 3 and r["tokens_per_call"] >= 1
     text = littles.markdown(rows)
+    assert by["reduced"]["head_coverage"] <= 1 and "head_coverage" not in by["plain"]
     assert "| reduced |" in text and "identical to ar: plain yes, reduced yes, exit yes" in text
 
 

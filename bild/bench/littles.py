@@ -73,7 +73,12 @@ def sweep(bls: dict, items: list, gamma: int, max_new_tokens: int, log=print) ->
         log(f"prompt {k + 1}/{len(items)} done")
     ar = runs["ar", "ar"]
     ar_speed = statistics.mean(r["tokens_per_s"] for r in ar)
+    emitted = [t for r in ar for t in r["token_ids"]]
     for name, row in rows.items():
+        ids = bls[name].little_runner.model.head_ids
+        if ids is not None and emitted:  # the share of the big model's held-out tokens the head can propose
+            kept = set(ids.tolist())
+            row["head_coverage"] = sum(t in kept for t in emitted) / len(emitted)
         alone = runs[name, "spec_alone"]
         alpha = acceptance_by_position([r["accepted"] for r in alone], [r["drafted"] for r in alone])
         row.update(alpha_by_position=alpha, alpha=alpha[0] if alpha else 0.0,
@@ -93,6 +98,7 @@ def sweep(bls: dict, items: list, gamma: int, max_new_tokens: int, log=print) ->
 
 
 COLUMNS = [("design", "little", "{}"), ("layers", "layers", "{}"), ("head_tokens", "head tokens", "{:,}"),
+           ("head_coverage", "of ar's tokens", "{:.2%}"),
            ("bytes_per_token", "MB read a token", "{:,.0f}", 1e-6), ("little_ms", "ms a token", "{:.2f}"),
            ("c", "c", "{:.3f}"), ("alpha", "α₁", "{:.3f}"), ("tokens_per_call", "tokens per big call", "{:.2f}"),
            ("predicted_speedup", "predicted × ar", "{:.2f}"), ("spec_alone_speedup", "speculative × ar", "{:.2f}"),
@@ -101,10 +107,10 @@ COLUMNS = [("design", "little", "{}"), ("layers", "layers", "{}"), ("head_tokens
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = [c for c in COLUMNS if all(c[0] in r for r in rows)]
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    cell = lambda r, c: c[2].format(r[c[0]] * (c[3] if len(c) > 3 else 1)) if c[0] in r else "–"  # noqa: E731
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(c[2].format(r[c[0]] * (c[3] if len(c) > 3 else 1)) for c in cols) + " |")
+    lines += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in rows]
     first = rows[0]
     note = (f"\nγ = {first['gamma']} (speculative alone); big model {first['big_ms']:.1f} ms a token, verifying γ+1 "
             f"tokens {first['verify_ratio']:.2f}x that; ar {first['ar_tok_s']:.1f} tokens/s"
