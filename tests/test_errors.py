@@ -103,6 +103,13 @@ def test_cli_generate_compare_on_a_tiny_model(llama_dir, capsys):
     assert "speedup speculative vs ar:" in out and "outputs identical: yes" in out
 
 
+def test_cli_prepare_loads_the_pair_once_and_reports_a_bad_one(llama_dir, tmp_path, capsys):
+    assert main(["prepare", "--big", llama_dir, "--little", "early-exit:1"]) == 0
+    assert f"prepared {llama_dir} in" in capsys.readouterr().out
+    assert main(["prepare", "--big", str(tmp_path / "missing.gguf")]) == 2
+    assert "error: model file not found" in capsys.readouterr().err
+
+
 def test_cli_config_file_supplies_defaults_and_flags_win(llama_dir, tmp_path, capsys):
     import json
 

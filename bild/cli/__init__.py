@@ -1,6 +1,6 @@
 """The `bild` command line: main, the parser and --config. Each subcommand lives in a module of this package:
 
-    generate.py   bild generate
+    generate.py   bild generate, bild prepare
     draft.py      bild draft build|teacher|train|export|sweep, bild align (training imports inside the handlers)
     bench.py      bild bench, bild sweep, bild tune
     serve.py      bild serve

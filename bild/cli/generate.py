@@ -23,6 +23,20 @@ def add_commands(sub) -> None:
     gen.add_argument("--compare", action="store_true", help="also run `ar` in this process and print the speedup")
     gen.set_defaults(handler=cmd_generate)
 
+    prep = sub.add_parser("prepare", help="do a pair's first-use work once (this CPU's kernel library, each GGUF "
+                                          "file's tensor index, the tokenizer), so the first generate starts fast")
+    add_model_args(prep)
+    prep.set_defaults(handler=cmd_prepare)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    import time
+
+    start = time.perf_counter()
+    load_pair(args)
+    print(f"prepared {args.big} in {time.perf_counter() - start:.1f} s")
+    return 0
+
 
 def load_pair(args: argparse.Namespace):
     from ..api import BigLittle
