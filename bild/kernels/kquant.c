@@ -23,14 +23,18 @@
    as int8 and as qx + 128 unsigned (and for Q4_K the sums of each 32 qx, times xd). Products are vpdpbusd
    (unsigned bytes times signed bytes, four into each int32 lane; AVX2: maddubs + pmaddwd, never saturating
    here): exact integers. A weight block is unpacked once per register tile of up to RT rows of x, in the int8
-   value order (below) that keeps each int32 lane of a row's four dpbusd within one sub-block:
-   Q4_K  unsigned q against qx; lane l (16 values of sub-block j = l / 2) times sc_j (pmaddwd), fma'd with
-         d * xd into float lane l; the mins (dmin m_j) (xd sum_j qx) into 8 more float lanes, subtracted at the end.
+   value order (below) that keeps each int32 lane of a row's four dpbusd within one sub-block of 16 values. The
+   K-quants take the rows in pairs, two rows' lanes in one vector (below):
+   Q4_K  unsigned q against qx; packs puts two rows' 16 lanes in int16 and pmaddwd multiplies them by sc_j and
+         adds the two lanes of each sub-block j: 8 lanes a row; fma'd with d * xd into float lane j, then
+         fnmadd'ed with (dmin m_j) (xd sum_j qx).
    Q6_K  q - 32 signed against qx + 128, the lane starting at -128 times its weights' sum (once per block, for
-         all rows); times sc_l (pmulld), fma'd with d * xd.
-   Q5_0, Q8_0  q - 16 or q signed against qx + 128 the same way, two blocks a vector; fma'd with d * xd of the
-         lane's block (AVX2 without VNNI: Q8_0 as |q| against qx with q's signs).
-   Every lane's integer stays below 2^24 and converts exactly. The output is the fixed-tree sum of its 16 lanes.
+         all rows); times sc_l (pmulld), the lanes of sub-blocks 2 j, 2 j + 1 added: 8 lanes a row; fma'd with
+         d * xd into float lane j.
+   Q5_0, Q8_0  q - 16 or q signed against qx + 128 the same way, two blocks a vector, 16 lanes a row; fma'd with
+         d * xd of the lane's block (AVX2 without VNNI: Q8_0 as |q| against qx with q's signs).
+   Every lane's integer stays below 2^24 and converts exactly. The output is the fixed-tree sum of its 8 or 16
+   float lanes.
 
    So each output runs one instruction sequence whatever the number of rows (batch-invariant), and the integer
    sums and float operations are the same on every ISA build: AVX-512 (one 512-bit register per 16 lanes),
@@ -44,10 +48,15 @@
 #include "kquant.h"
 
 #define TILE 16 /* fp32: rows of x per pass over a weight row: each block is rebuilt once per 16 rows */
-#define RT 8 /* int8: rows of x per register tile (their accumulators stay in registers) */
+#if defined(__AVX512F__) /* int8: rows of x per register tile (their accumulators stay in registers) */
+#define RT 16
+#else
+#define RT 8
+#endif
 #define NG 8 /* int8: weight rows per group: a group's rows stay in L1 for every register tile of x */
 #define PREFETCH_BYTES 2048 /* how far ahead along the weight stream the products prefetch */
 #define X_CHUNK_BYTES (256 * 1024) /* rows of x per pass over the whole weight stay in L2 */
+#define X_L1_BYTES (24 * 1024) /* K-quants: a tile's x values per pass over a group's blocks stay in L1 */
 
 static inline int kind_bytes(int kind) {
     switch (kind) {
@@ -185,7 +194,8 @@ static inline vi b32_chunk(const uint8_t *blk, int kind) { /* a Q5_0 (q - 16) or
     return vi_s8(_mm256_sub_epi8(_mm256_or_si256(nib, fifth), _mm256_set1_epi8(16)));
 }
 
-static inline void prefetch_block(const uint8_t *blk, int bytes) {
+/* always_inline: a prefetch has no visible effect, so gcc deletes calls to a non-inlined one as dead code */
+static inline __attribute__((always_inline)) void prefetch_block(const uint8_t *blk, int bytes) {
     for (int o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(blk + PREFETCH_BYTES + o), _MM_HINT_T0);
 }
 
@@ -279,7 +289,6 @@ void kq_linear_f32(const float *x, int T, int K, const uint8_t *w, int N, int ki
 typedef __m512i ii;
 typedef __m512i ub;
 static inline ii ii_zero(void) { return _mm512_setzero_si512(); }
-static inline ii ii_load(const int32_t *p) { return _mm512_loadu_si512(p); }
 static inline ii ii_dpbusd(ii acc, ub u, const int8_t *x) { return _mm512_dpbusd_epi32(acc, u, _mm512_loadu_si512(x)); }
 /* acc + per lane: unsigned bytes of x (x + 128) times the signed weight bytes w */
 static inline ii ii_dotu(ii acc, const uint8_t *xu, ub w) { return _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(xu), w); }
@@ -296,7 +305,16 @@ static inline ii ii_bytes_u(__m128i b) { return _mm512_cvtepu8_epi32(b); }
 static inline ii ii_bytes_s(const uint8_t b[16]) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)b)); }
 static inline vf vf_set1(float s) { return _mm512_set1_ps(s); }
 static inline vf vf_load(const float *p) { return _mm512_loadu_ps(p); }
-static inline vf vf_load_lo(const float *p) { return _mm512_maskz_loadu_ps(0x00FF, p); }
+static inline vf vf_bcast4(const float *p) { return _mm512_broadcast_f32x4(_mm_loadu_ps(p)); } /* 4 floats, x4 */
+static inline vf vf_fnma(vf acc, vf a, const float *b) { return _mm512_fnmadd_ps(a, _mm512_loadu_ps(b), acc); }
+static inline vf vf_u8(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
+static inline ii ii_u8_i16(__m256i b) { return _mm512_cvtepu8_epi16(b); }
+static inline ii ii_packs(ii a, ii b) { return _mm512_packs_epi32(a, b); } /* a's lanes 4i..4i+3, then b's */
+static inline ii ii_pairsum(ii a, ii b) { /* a0 + a1, a2 + a3, b0 + b1, b2 + b3 in each 128-bit lane */
+    const __m512 fa = _mm512_castsi512_ps(a), fb = _mm512_castsi512_ps(b);
+    return _mm512_add_epi32(_mm512_castps_si512(_mm512_shuffle_ps(fa, fb, 0x88)),
+                            _mm512_castps_si512(_mm512_shuffle_ps(fa, fb, 0xDD)));
+}
 static inline void vf_store(float *p, vf a) { _mm512_storeu_ps(p, a); }
 static inline vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static inline vf vf_fma_ii(vf acc, ii i, vf s) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), s, acc); }
@@ -346,9 +364,6 @@ static inline ub ub_pair(__m256i a, __m256i b) { return _mm512_inserti64x4(_mm51
 typedef struct { __m256i lo, hi; } ii;
 typedef struct { __m256i lo, hi; } ub;
 static inline ii ii_zero(void) { return (ii){_mm256_setzero_si256(), _mm256_setzero_si256()}; }
-static inline ii ii_load(const int32_t *p) {
-    return (ii){_mm256_loadu_si256((const __m256i *)p), _mm256_loadu_si256((const __m256i *)(p + 8))};
-}
 static inline ii ii_dpbusd(ii acc, ub u, const int8_t *x) {
     return (ii){DPBUSD256(acc.lo, u.lo, _mm256_loadu_si256((const __m256i *)x)),
                 DPBUSD256(acc.hi, u.hi, _mm256_loadu_si256((const __m256i *)(x + 32)))};
@@ -377,7 +392,26 @@ static inline ii ii_bytes_s(const uint8_t b[16]) {
 }
 static inline vf vf_set1(float s) { return (vf){_mm256_set1_ps(s), _mm256_set1_ps(s)}; }
 static inline vf vf_load(const float *p) { return (vf){_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
-static inline vf vf_load_lo(const float *p) { return (vf){_mm256_loadu_ps(p), _mm256_setzero_ps()}; }
+static inline vf vf_bcast4(const float *p) {
+    const __m256 v = _mm256_broadcast_ps((const __m128 *)p);
+    return (vf){v, v};
+}
+static inline vf vf_fnma(vf acc, vf a, const float *b) {
+    return (vf){_mm256_fnmadd_ps(a.lo, _mm256_loadu_ps(b), acc.lo), _mm256_fnmadd_ps(a.hi, _mm256_loadu_ps(b + 8), acc.hi)};
+}
+static inline vf vf_u8(__m128i b) {
+    return (vf){_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)))};
+}
+static inline ii ii_u8_i16(__m256i b) {
+    return (ii){_mm256_cvtepu8_epi16(_mm256_castsi256_si128(b)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256(b, 1))};
+}
+static inline ii ii_packs(ii a, ii b) { return (ii){_mm256_packs_epi32(a.lo, b.lo), _mm256_packs_epi32(a.hi, b.hi)}; }
+static inline __m256i pairsum256(__m256i a, __m256i b) {
+    const __m256 fa = _mm256_castsi256_ps(a), fb = _mm256_castsi256_ps(b);
+    return _mm256_add_epi32(_mm256_castps_si256(_mm256_shuffle_ps(fa, fb, 0x88)),
+                            _mm256_castps_si256(_mm256_shuffle_ps(fa, fb, 0xDD)));
+}
+static inline ii ii_pairsum(ii a, ii b) { return (ii){pairsum256(a.lo, b.lo), pairsum256(a.hi, b.hi)}; }
 static inline void vf_store(float *p, vf a) { _mm256_storeu_ps(p, a.lo), _mm256_storeu_ps(p + 8, a.hi); }
 static inline vf vf_mul(vf a, vf b) { return (vf){_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
 static inline vf vf_fma_ii(vf acc, ii i, vf s) {
@@ -432,17 +466,33 @@ static inline ii ii_dots8_lo(ub w, const int8_t *x) {
    (vector v, lane l, i < 4) holds value 16 l + 4 v + i, so lane l of all four 64-byte vectors covers values
    16 l .. 16 l + 15 (Q6_K's sub-block l; lanes 2 j, 2 j + 1 are Q4_K's sub-block j), and a row's four dpbusd
    accumulate each lane within one sub-block. The weights are unpacked to the same order (q4k_unpack,
-   q6k_unpack). Q5_0 / Q8_0 blocks keep their natural order, two blocks a vector. */
+   q6k_unpack). Q5_0 / Q8_0 blocks keep their natural order, two blocks a vector.
+
+   Row pairs. The K-quant tiles take the rows of x two at a time, rows 2 p (A) and 2 p + 1 (B), into one vector
+   of 16 float lanes: lanes 4 i, 4 i + 1 are A's, 4 i + 2, 4 i + 3 B's (i < 4), so A's eight lanes hold, in the
+   order 4 (j / 2) + (j % 2) of j < 8, its part j of a super-block (Q4_K's sub-block j, Q6_K's sub-blocks 2 j,
+   2 j + 1). kx_t keeps for family 256, per pair and super-block, xd in that layout (d: A, A, B, B, one 128-bit
+   lane) and Q4_K's mins sums (s: 16 lanes, A's and B's sub-block j at their lanes). An odd T has a zero row
+   T, so its pair is whole. */
+
+static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); } /* no split loads */
 
 int kx_alloc(kx_t *x, int T, int K) {
-    x->q8 = malloc((size_t)T * K);
-    x->d = malloc(sizeof(float) * (size_t)T * (K / 32));
-    x->s = malloc(sizeof(float) * (size_t)T * (K / 32));
-    x->u8 = malloc((size_t)T * K);
+    const size_t rows = (size_t)(T + RT - 1) / RT * RT; /* whole tiles */
+    x->q8 = alloc64(rows * K), x->u8 = alloc64(rows * K);
+    x->d = alloc64(sizeof(float) * rows * (K / 32)), x->s = alloc64(sizeof(float) * rows * (K / 32));
     return x->q8 && x->d && x->s && x->u8;
 }
 
 void kx_free(kx_t *x) { free(x->q8), free(x->d), free(x->s), free(x->u8); }
+
+/* Row t of x (family 32), or its values in tile t / RT (family 256): row t % RT's first block, and its pair's. */
+static inline kx_t kx_at(const kx_t *x, int t, int K, int F) {
+    if (F == 32) return (kx_t){x->q8 + (size_t)t * K, x->d + (size_t)t * (K / 32), x->s, x->u8 + (size_t)t * K};
+    const size_t tile = (size_t)(t / RT) * K * RT, r = t % RT; /* a tile's values; its pairs' d, s: / 128, / 32 */
+    return (kx_t){x->q8 + tile + 256 * r, x->d + tile / 128 + 4 * (r / 2), x->s + tile / 32 + 16 * (r / 2),
+                  x->u8 + tile + 256 * r};
+}
 
 static inline int hsum_i32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -460,13 +510,14 @@ static inline int round16(const float *x, __m256 inv, int8_t *q8) {
     return hsum_i32(_mm256_madd_epi16(v, _mm256_set1_epi16(1)));
 }
 
-/* One row x (K,) -> kx_t's rows (see kquant.h). The same code on every ISA build. */
-static void quantise_row(const float *x, int K, int F, int8_t *q8, float *d, float *s, uint8_t *u8) {
+/* One row x (K,) -> kx_t's rows (see kquant.h); x NULL: the zero row. Family 256: block b of the row at q8, u8
+   + b * RT * 256, its pair's d + b * RT * 2, s + b * RT * 8, h the row's half. The same code on every ISA. */
+static void quantise_row(const float *x, int K, int F, int8_t *q8, float *d, float *s, uint8_t *u8, int h) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     for (int b = 0; b < K / F; b++) {
         const float *xb = x + (size_t)b * F;
         __m256 top = _mm256_setzero_ps();
-        for (int i = 0; i < F; i += 8) top = _mm256_max_ps(top, _mm256_and_ps(_mm256_loadu_ps(xb + i), abs_mask));
+        for (int i = 0; x && i < F; i += 8) top = _mm256_max_ps(top, _mm256_and_ps(_mm256_loadu_ps(xb + i), abs_mask));
         __m128 m = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
         m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         const float big = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
@@ -474,31 +525,35 @@ static void quantise_row(const float *x, int K, int F, int8_t *q8, float *d, flo
         const __m256 inv = _mm256_set1_ps(big > 0.0f ? 127.0f / big : 0.0f);
         if (F == 32) {
             int8_t *qb = q8 + (size_t)b * 32;
-            round16(xb, inv, qb), round16(xb + 16, inv, qb + 16);
-        } else {
-            int8_t nat[256];
-            for (int j = 0; j < 8; j++) {
-                const int s0 = round16(xb + 32 * j, inv, nat + 32 * j), s1 = round16(xb + 32 * j + 16, inv, nat + 32 * j + 16);
-                s[(size_t)b * 8 + j] = xd * (float)(s0 + s1);
-            }
-            uint32_t in[64], out[64]; /* value 16 l + 4 v + i to byte 64 v + 4 l + i */
-            memcpy(in, nat, 256);
-            for (int v = 0; v < 4; v++)
-                for (int l = 0; l < 16; l++) out[16 * v + l] = in[4 * l + v];
-            memcpy(q8 + (size_t)b * 256, out, 256);
+            if (x) round16(xb, inv, qb), round16(xb + 16, inv, qb + 16);
+            else memset(qb, 0, 32);
+            d[b] = xd;
+            for (int i = 0; i < 32; i++) u8[(size_t)b * 32 + i] = (uint8_t)(qb[i] + 128); /* x + 128 */
+            continue;
         }
-        d[b] = xd;
+        int8_t nat[256] = {0};
+        for (int j = 0; j < 8; j++) {
+            const int s0 = x ? round16(xb + 32 * j, inv, nat + 32 * j) : 0;
+            const int s1 = x ? round16(xb + 32 * j + 16, inv, nat + 32 * j + 16) : 0;
+            s[(size_t)b * RT * 8 + 4 * (j / 2) + 2 * h + j % 2] = xd * (float)(s0 + s1);
+        }
+        uint32_t in[64], out[64]; /* value 16 l + 4 v + i to byte 64 v + 4 l + i */
+        memcpy(in, nat, 256);
+        for (int v = 0; v < 4; v++)
+            for (int l = 0; l < 16; l++) out[16 * v + l] = in[4 * l + v];
+        int8_t *qb = q8 + (size_t)b * RT * 256;
+        memcpy(qb, out, 256);
+        for (int i = 0; i < 256; i++) u8[(size_t)b * RT * 256 + i] = (uint8_t)(qb[i] + 128); /* x + 128 */
+        d[(size_t)b * RT * 2 + 2 * h] = d[(size_t)b * RT * 2 + 2 * h + 1] = xd;
     }
-    for (int i = 0; i < K; i += 32) /* x + 128 */
-        _mm256_storeu_si256((__m256i *)(u8 + i), _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q8 + i)),
-                                                                   _mm256_set1_epi8((char)0x80)));
 }
 
 void kq_quantise(const float *x, int T, int K, int family, kx_t *xq) {
 #pragma omp for schedule(static)
-    for (int t = 0; t < T; t++)
-        quantise_row(x + (size_t)t * K, K, family, xq->q8 + (size_t)t * K, xq->d + (size_t)t * (K / 32),
-                     xq->s + (size_t)t * (K / 32), xq->u8 + (size_t)t * K);
+    for (int t = 0; t < T + (T & 1); t++) {
+        const kx_t at = kx_at(xq, t, K, family);
+        quantise_row(t < T ? x + (size_t)t * K : NULL, K, family, at.q8, at.d, at.s, at.u8, t & 1);
+    }
 }
 
 /* ggml's get_scale_min_k4 on four words at once, in a register: the 12 scale bytes -> sc[0..8) in bytes 0..8,
@@ -511,53 +566,61 @@ static inline __m128i q4k_scales_v(const uint8_t *s) {
                           (int)(((u[2] >> 4) & m4) | (((u[1] >> 6) & m2) << 4)));
 }
 
-/* The rows of x in a tile: row r's values at q8 + r K, its block scales d + r (K / 32) ... (kx_t's strides). */
+/* A tile of x, family 32: row r's values at q8 + r K (kx_t's strides). Family 256: row r's super-block b at
+   q8 + (b RT + r) 256, pair p's xd and mins sums at d + (b RT / 2 + p) 4, s + (b RT / 2 + p) 16. */
 #define XQ(r, K) ((size_t)(r) * (size_t)(K))
 
-/* One Q4_K weight row against R rows of x (R a constant after inlining). Per row and super-block: four dpbusd
-   give lane l the exact sum over 16 values of sub-block l / 2 (|sum| <= 16 * 15 * 127, an int16), pmaddwd
-   multiplies it by the sub-block's scale sc (an exact int32 below 2^21), and one fma adds it times d * xd into
-   float lane l; the mins' dmin m_j times xd sum_j qx go into 8 float lanes. The output is the fixed-tree sum of
-   the 16 lanes minus that of the 8. */
-static inline __attribute__((always_inline)) void q4k_tile(const kx_t *x, int R, int K, const uint8_t *wrow,
+static inline ii dot4(const ub q[4], const int8_t *x) { /* Q4_K: unsigned weights against signed x */
+    return ii_dpbusd(ii_dpbusd(ii_dpbusd(ii_dpbusd(ii_zero(), q[0], x), q[1], x + 64), q[2], x + 128), q[3], x + 192);
+}
+static inline ii dotu4(ii acc, const uint8_t *xu, const ub w[4]) { /* Q6_K: x + 128 against signed weights */
+    return ii_dotu(ii_dotu(ii_dotu(ii_dotu(acc, xu, w[0]), xu + 64, w[1]), xu + 128, w[2]), xu + 192, w[3]);
+}
+
+/* One Q4_K weight row against P pairs of rows of x (P a constant after inlining). Per row and super-block four
+   dpbusd give lane l the exact sum over the 16 values of sub-block l / 2 (|sum| <= 16 * 15 * 127, an int16);
+   packs puts a pair's two rows in int16 and pmaddwd multiplies each by its scale sc_j and adds the two lanes of
+   sub-block j (an exact int32 below 2^22), into the pair layout. One fma adds it times d * xd to the float lane,
+   one fnmadd subtracts dmin m_j times xd sum_j qx (both exact products of floats). */
+static inline __attribute__((always_inline)) void q4k_tile(const kx_t *x, int P, int one, int K, const uint8_t *wrow,
                                                           int b0, int b1, float *state) {
-    vf acc[RT];
-    __m256 macc[RT];
+    const __m256i sc_idx = _mm256_setr_epi8(0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3,
+                                            4, 4, 5, 5, 4, 4, 5, 5, 6, 6, 7, 7, 6, 6, 7, 7);
+    const __m128i m_idx = _mm_setr_epi8(8, 9, 8, 9, 10, 11, 10, 11, 12, 13, 12, 13, 14, 15, 14, 15);
+    vf acc[RT / 2];
     _Pragma("GCC unroll 8")
-    for (int r = 0; r < R; r++) acc[r] = vf_load(state + 24 * r), macc[r] = _mm256_loadu_ps(state + 24 * r + 16);
+    for (int p = 0; p < P; p++) acc[p] = vf_load(state + 16 * p);
     for (int b = b0; b < b1; b++) {
         const uint8_t *blk = wrow + (size_t)b * 144;
         prefetch_block(blk, 144);
         const __m128i sm = q4k_scales_v(blk + 4);
-        const ii scale = ii_bytes_u(_mm_shuffle_epi8(sm, _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7)));
-        /* lane l: sc_(l/2), its high int16 zero */
+        const ii scale = ii_u8_i16(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(sm), sc_idx)); /* int16 sc_j */
+        const vf mins = vf_mul(vf_u8(_mm_shuffle_epi8(sm, m_idx)), vf_set1(f16(blk + 2))); /* dmin m_j, exact */
+        const vf d = vf_set1(f16(blk));
         ub q[4];
         q4k_unpack(blk + 16, q);
-        const float d = f16(blk);
-        const __m256 mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))),
-                                          _mm256_set1_ps(f16(blk + 2))); /* dmin m_j, exact */
         _Pragma("GCC unroll 8")
-        for (int r = 0; r < R; r++) {
-            const int8_t *xr = x->q8 + XQ(r, K) + (size_t)b * 256;
-            ii sum = ii_dpbusd(ii_zero(), q[0], xr);
-            sum = ii_dpbusd(sum, q[1], xr + 64), sum = ii_dpbusd(sum, q[2], xr + 128), sum = ii_dpbusd(sum, q[3], xr + 192);
-            acc[r] = vf_fma_ii(acc[r], ii_madd(sum, scale), vf_set1(d * x->d[(size_t)r * (K / 32) + b]));
-            macc[r] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(x->s + (size_t)r * (K / 32) + (size_t)b * 8), macc[r]);
+        for (int p = 0; p < P; p++) {
+            const int8_t *xa = x->q8 + ((size_t)b * RT + 2 * p) * 256;
+            const ii sum = ii_madd(ii_packs(dot4(q, xa), one ? ii_zero() : dot4(q, xa + 256)), scale);
+            const size_t at = (size_t)b * RT / 2 + p;
+            acc[p] = vf_fnma(vf_fma_ii(acc[p], sum, vf_mul(d, vf_bcast4(x->d + 4 * at))), mins, x->s + 16 * at);
         }
     }
     _Pragma("GCC unroll 8")
-    for (int r = 0; r < R; r++) vf_store(state + 24 * r, acc[r]), _mm256_storeu_ps(state + 24 * r + 16, macc[r]);
+    for (int p = 0; p < P; p++) vf_store(state + 16 * p, acc[p]);
 }
 
-/* One Q6_K weight row against R rows of x. The weights go in unsigned (q in 0..63); each row's lanes start at
-   -32 times the sum of their 16 values of x, so after four dpbusd lane l holds the exact sum of (q - 32) qx over
-   sub-block l (|sum| <= 16 * 32 * 127); times the int8 scale sc_l it stays exact below 2^24 and is fma'd with
-   d * xd into float lane l. */
-static inline __attribute__((always_inline)) void q6k_tile(const kx_t *x, int R, int K, const uint8_t *wrow,
+/* One Q6_K weight row against P pairs of rows of x. The weights go in signed (q - 32) against x + 128; each row's
+   lanes start at -128 times the sum of their weights, so after four dpbusd lane l holds the exact sum of
+   (q - 32) qx over sub-block l (|sum| <= 16 * 32 * 127); times the int8 scale sc_l (below 2^23), the two lanes
+   of each part j add to one exact int32 below 2^24, into the pair layout, fma'd with d * xd into its float
+   lane. */
+static inline __attribute__((always_inline)) void q6k_tile(const kx_t *x, int P, int one, int K, const uint8_t *wrow,
                                                           int b0, int b1, float *state) {
-    vf acc[RT];
+    vf acc[RT / 2];
     _Pragma("GCC unroll 8")
-    for (int r = 0; r < R; r++) acc[r] = vf_load(state + 24 * r);
+    for (int p = 0; p < P; p++) acc[p] = vf_load(state + 16 * p);
     for (int b = b0; b < b1; b++) {
         const uint8_t *blk = wrow + (size_t)b * 210;
         prefetch_block(blk, 210);
@@ -566,17 +629,17 @@ static inline __attribute__((always_inline)) void q6k_tile(const kx_t *x, int R,
         q6k_unpack(blk, blk + 128, q);
         ii corr = ii_zero();
         for (int v = 0; v < 4; v++) q[v] = ub_subc(q[v], 32), corr = ii_corr(corr, q[v]);
-        const float d = f16(blk + 208);
+        const vf d = vf_set1(f16(blk + 208));
         _Pragma("GCC unroll 8")
-        for (int r = 0; r < R; r++) {
-            const uint8_t *xr = x->u8 + XQ(r, K) + (size_t)b * 256;
-            ii sum = ii_dotu(corr, xr, q[0]);
-            sum = ii_dotu(sum, xr + 64, q[1]), sum = ii_dotu(sum, xr + 128, q[2]), sum = ii_dotu(sum, xr + 192, q[3]);
-            acc[r] = vf_fma_ii(acc[r], ii_mullo(sum, scale), vf_set1(d * x->d[(size_t)r * (K / 32) + b]));
+        for (int p = 0; p < P; p++) {
+            const uint8_t *xa = x->u8 + ((size_t)b * RT + 2 * p) * 256;
+            const ii sb = one ? ii_zero() : ii_mullo(dotu4(corr, xa + 256, q), scale);
+            const ii sum = ii_pairsum(ii_mullo(dotu4(corr, xa, q), scale), sb);
+            acc[p] = vf_fma_ii(acc[p], sum, vf_mul(d, vf_bcast4(x->d + ((size_t)b * RT / 2 + p) * 4)));
         }
     }
     _Pragma("GCC unroll 8")
-    for (int r = 0; r < R; r++) vf_store(state + 24 * r, acc[r]);
+    for (int p = 0; p < P; p++) vf_store(state + 16 * p, acc[p]);
 }
 
 /* A Q5_0 block's q in 0..31, or a Q8_0 block's q, as 32 bytes in value order. */
@@ -590,16 +653,16 @@ static inline __m256i b32_bytes(const uint8_t *blk, int kind) {
                            _mm256_set1_epi8(16)); /* q - 16 */
 }
 
-/* One Q5_0 / Q8_0 weight row against R rows of x, two blocks (64 values) a step: lane l holds the exact sum of
-   its 4 values' (q - 16) qx (Q5_0: unsigned q, the lane starting at -16 times its values' sum of x) or q qx
+/* One Q5_0 / Q8_0 weight row against R = 2 P rows of x, two blocks (64 values) a step: lane l holds the exact sum
+   of its 4 values' (q - 16) qx (Q5_0: unsigned q, the lane starting at -16 times its values' sum of x) or q qx
    (Q8_0), fma'd with d * xd of its block into float lane l. An odd last block fills lanes 0..7. */
-static inline __attribute__((always_inline)) void b32_tile(const kx_t *x, int R, int K, const uint8_t *wrow,
+static inline __attribute__((always_inline)) void b32_tile(const kx_t *x, int P, int one, int K, const uint8_t *wrow,
                                                           int kind, int b0, int b1, float *state) {
-    const int bytes = kind_bytes(kind), q8 = kind == KIND_GGUF_Q8_0;
+    const int bytes = kind_bytes(kind), q8 = kind == KIND_GGUF_Q8_0, R = 2 * P - one;
     (void)q8; /* the AVX2 build multiplies Q8_0 signed by signed */
     vf acc[RT];
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < R; r++) acc[r] = vf_load(state + 24 * r);
+    _Pragma("GCC unroll 16")
+    for (int r = 0; r < R; r++) acc[r] = vf_load(state + 16 * r);
     int b = b0;
     for (; b < b1; b += 2) {
         const uint8_t *blk = wrow + (size_t)b * bytes;
@@ -609,7 +672,7 @@ static inline __attribute__((always_inline)) void b32_tile(const kx_t *x, int R,
         const ub w = ub_pair(w0, w1);
         const ii corr = ii_corr(ii_zero(), w);
         const vf d = vf_pair(f16(blk), two ? f16(blk + bytes) : 0.0f);
-        _Pragma("GCC unroll 8")
+        _Pragma("GCC unroll 16")
         for (int r = 0; r < R; r++) {
             const float *xd = x->d + (size_t)r * (K / 32) + b;
             const size_t at = XQ(r, K) + (size_t)b * 32;
@@ -623,33 +686,32 @@ static inline __attribute__((always_inline)) void b32_tile(const kx_t *x, int R,
             acc[r] = vf_fma_ii(acc[r], sum, vf_mul(d, vf_pair(xd[0], two ? xd[1] : 0.0f)));
         }
     }
-    _Pragma("GCC unroll 8")
-    for (int r = 0; r < R; r++) vf_store(state + 24 * r, acc[r]);
+    _Pragma("GCC unroll 16")
+    for (int r = 0; r < R; r++) vf_store(state + 16 * r, acc[r]);
 }
 
-/* Rows t.. of x. Tiles keep each output's 16 float lanes (Q4_K: and its mins' 8) in state, 24 floats. */
-static inline kx_t kx_at(const kx_t *x, int t, int K) {
-    return (kx_t){x->q8 + (size_t)t * K, x->d + (size_t)t * (K / 32), x->s + (size_t)t * (K / 32), x->u8 + (size_t)t * K};
-}
-
-/* One register tile: R rows of x (R a constant in each case) against one weight row, over its blocks b0..b1. */
+/* One register tile: R rows of x, in pairs (a constant number in each case; one row alone skips its pair's zero
+   row), against one weight row, over its blocks b0..b1. */
 static void tile_int8(const kx_t *x, int R, int K, const uint8_t *wrow, int kind, int b0, int b1, float *state) {
-#define CASE(n)                                                                                                      \
-    case n:                                                                                                          \
-        if (kind == KIND_GGUF_Q4_K) q4k_tile(x, n, K, wrow, b0, b1, state);                                          \
-        else if (kind == KIND_GGUF_Q6_K) q6k_tile(x, n, K, wrow, b0, b1, state);                                     \
-        else b32_tile(x, n, K, wrow, kind, b0, b1, state);                                                           \
-        break;
-    switch (R) {
-        CASE(8) CASE(7) CASE(6) CASE(5) CASE(4) CASE(3) CASE(2) default: CASE(1)
+#define CASE(n, one)                                                                                                 \
+    if (kind == KIND_GGUF_Q4_K) q4k_tile(x, n, one, K, wrow, b0, b1, state);                                         \
+    else if (kind == KIND_GGUF_Q6_K) q6k_tile(x, n, one, K, wrow, b0, b1, state);                                    \
+    else b32_tile(x, n, one, K, wrow, kind, b0, b1, state);                                                          \
+    break;
+    switch (R == 1 ? 0 : (R + 1) / 2) {
+    case 0: CASE(1, 1)
+#if RT == 16
+    case 8: CASE(8, 0) case 7: CASE(7, 0) case 6: CASE(6, 0) case 5: CASE(5, 0)
+#endif
+    case 4: CASE(4, 0) case 3: CASE(3, 0) case 2: CASE(2, 0) default: CASE(1, 0)
     }
 #undef CASE
 }
 
 /* The threads share out groups of NG weight rows; each group passes over its rows of x in register tiles of RT
-   rows (each weight row read from memory once, then from L1). Tiles keep an output's lanes in `state` (blocks b0..b1
-   a call, so a long row could be split without changing an operation; chunking K measured slower while the
-   weights stream from memory, so every call covers the whole row). */
+   rows (each weight row read from memory once, then from L1). Tiles keep an output's float lanes in `state`
+   (blocks b0..b1 a call, so a long row could be split without changing an operation; every call covers the
+   whole row). The output is the fixed-tree sum of its lanes: Q5_0 / Q8_0's 16, the K-quants' 8 of its pair's. */
 void kq_linear_int8(const kx_t *xq, int T, int K, const uint8_t *w, int N, int kind, float *y, int ldy) {
     const int F = kq_family(kind), nb = K / F;
     const size_t row_bytes = (size_t)nb * kind_bytes(kind);
@@ -660,19 +722,27 @@ void kq_linear_int8(const kx_t *xq, int T, int K, const uint8_t *w, int N, int k
 #pragma omp for schedule(static) nowait
         for (int g = 0; g < (N + NG - 1) / NG; g++) {
             const int n0 = g * NG, n1 = N - n0 < NG ? N : n0 + NG;
-            float state[NG * RT * 24];
+            float state[NG * RT * 16];
             for (int t = t0; t < end; t += RT) {
-                const kx_t xt = kx_at(xq, t, K);
+                const kx_t xt = kx_at(xq, t, K, F);
                 const int R = end - t < RT ? end - t : RT;
                 float *yt = y + (size_t)t * ldy;
-                memset(state, 0, sizeof(float) * (size_t)(n1 - n0) * RT * 24);
+                const int KC = F == 32 ? nb : X_L1_BYTES / (256 * ((R + 1) / 2 * 2)) + 1; /* blocks a pass */
+                memset(state, 0, sizeof(float) * (size_t)(n1 - n0) * RT * 16);
+                for (int b0 = 0; b0 < nb; b0 += KC)
+                    for (int n = n0; n < n1; n++)
+                        tile_int8(&xt, R, K, w + (size_t)n * row_bytes, kind, b0, nb - b0 < KC ? nb : b0 + KC,
+                                  state + (n - n0) * RT * 16);
                 for (int n = n0; n < n1; n++)
-                    tile_int8(&xt, R, K, w + (size_t)n * row_bytes, kind, 0, nb, state + (n - n0) * RT * 24);
-                for (int n = n0; n < n1; n++) /* the lanes' fixed tree: Q4_K's 16 minus its mins' 8 */
                     for (int r = 0; r < R; r++) {
-                        const float *st = state + ((n - n0) * RT + r) * 24;
-                        yt[(size_t)r * ldy + n] = kind == KIND_GGUF_Q4_K ? vf_hsum(vf_load(st)) - hsum8(_mm256_loadu_ps(st + 16))
-                                                                         : vf_hsum(vf_load(st));
+                        const float *st = state + (n - n0) * RT * 16;
+                        float v[8];
+                        if (F == 32) {
+                            yt[(size_t)r * ldy + n] = vf_hsum(vf_load(st + 16 * r));
+                            continue;
+                        }
+                        for (int j = 0; j < 8; j++) v[j] = st[16 * (r / 2) + 4 * (j / 2) + 2 * (r % 2) + j % 2];
+                        yt[(size_t)r * ldy + n] = hsum8(_mm256_loadu_ps(v));
                     }
             }
         }

@@ -15,12 +15,14 @@ static inline int kq_is_gguf(int kind) { return kind >= KIND_GGUF_Q4_K && kind <
    shares one int8 scale in the int8 path. */
 static inline int kq_family(int kind) { return kind == KIND_GGUF_Q4_K || kind == KIND_GGUF_Q6_K ? 256 : 32; }
 
-/* x (T, K) rounded to int8 values per block of `family` values (kquant.c: "int8 value order"), row t of each
-   array at t times its row length:
-   q8 (T, K)       the int8 values: lane-major within each super-block (family 256), in order (family 32);
-   u8 (T, K)       the same plus 128, unsigned (for the kinds whose weights go in signed);
-   d (T, K / 32)   the scale xd of each block (the first K / family of a row);
-   s (T, K / 32)   family 256: xd times the sum of each 32 values (Q4_K's mins). */
+/* x (T, K) rounded to int8 values per block of `family` values (kquant.c: "int8 value order" and "Row pairs"):
+   q8   the int8 values. Family 32: row t at t K, in order. Family 256: tile-major, in kquant.c's register tiles
+        of RT rows: super-block b of row t in tile t / RT at (t / RT) K RT + (b RT + t % RT) 256, lane-major;
+   u8   the same plus 128, unsigned (for the kinds whose weights go in signed);
+   d    the scale xd of each block: family 32 row t's at t (K / 32); family 256 per pair of rows and super-block,
+        4 floats (A, A, B, B) in the same tile-major order;
+   s    family 256: xd times the sum of each 32 values (Q4_K's mins), 16 floats per pair and super-block.
+   kx_alloc allocates whole tiles (an odd T's pair gets a zero row). */
 typedef struct {
     int8_t *q8;
     float *d, *s;
