@@ -589,7 +589,7 @@ static inline __attribute__((always_inline)) void q4k_tile(const kx_t *x, int P,
     const __m128i m_idx = _mm_setr_epi8(8, 9, 8, 9, 10, 11, 10, 11, 12, 13, 12, 13, 14, 15, 14, 15);
     vf acc[RT / 2];
     _Pragma("GCC unroll 8")
-    for (int p = 0; p < P; p++) acc[p] = vf_load(state + 16 * p);
+    for (int p = 0; p < P; p++) acc[p] = b0 ? vf_load(state + 16 * p) : vf_zero();
     for (int b = b0; b < b1; b++) {
         const uint8_t *blk = wrow + (size_t)b * 144;
         prefetch_block(blk, 144);
@@ -620,7 +620,7 @@ static inline __attribute__((always_inline)) void q6k_tile(const kx_t *x, int P,
                                                           int b0, int b1, float *state) {
     vf acc[RT / 2];
     _Pragma("GCC unroll 8")
-    for (int p = 0; p < P; p++) acc[p] = vf_load(state + 16 * p);
+    for (int p = 0; p < P; p++) acc[p] = b0 ? vf_load(state + 16 * p) : vf_zero();
     for (int b = b0; b < b1; b++) {
         const uint8_t *blk = wrow + (size_t)b * 210;
         prefetch_block(blk, 210);
@@ -662,7 +662,7 @@ static inline __attribute__((always_inline)) void b32_tile(const kx_t *x, int P,
     (void)q8; /* the AVX2 build multiplies Q8_0 signed by signed */
     vf acc[RT];
     _Pragma("GCC unroll 16")
-    for (int r = 0; r < R; r++) acc[r] = vf_load(state + 16 * r);
+    for (int r = 0; r < R; r++) acc[r] = b0 ? vf_load(state + 16 * r) : vf_zero();
     int b = b0;
     for (; b < b1; b += 2) {
         const uint8_t *blk = wrow + (size_t)b * bytes;
@@ -728,21 +728,22 @@ void kq_linear_int8(const kx_t *xq, int T, int K, const uint8_t *w, int N, int k
                 const int R = end - t < RT ? end - t : RT;
                 float *yt = y + (size_t)t * ldy;
                 const int KC = F == 32 ? nb : X_L1_BYTES / (256 * ((R + 1) / 2 * 2)) + 1; /* blocks a pass */
-                memset(state, 0, sizeof(float) * (size_t)(n1 - n0) * RT * 16);
                 for (int b0 = 0; b0 < nb; b0 += KC)
                     for (int n = n0; n < n1; n++)
                         tile_int8(&xt, R, K, w + (size_t)n * row_bytes, kind, b0, nb - b0 < KC ? nb : b0 + KC,
                                   state + (n - n0) * RT * 16);
                 for (int n = n0; n < n1; n++)
                     for (int r = 0; r < R; r++) {
-                        const float *st = state + (n - n0) * RT * 16;
-                        float v[8];
+                        const float *st = state + (n - n0) * RT * 16 + 16 * (F == 32 ? r : r / 2);
                         if (F == 32) {
-                            yt[(size_t)r * ldy + n] = vf_hsum(vf_load(st + 16 * r));
-                            continue;
+                            yt[(size_t)r * ldy + n] = vf_hsum(vf_load(st));
+                        } else if (r % 2 == 0) { /* hsum8's tree over each row's lanes j = 0..7 in order */
+                            __m128 u = _mm_add_ps(_mm_loadu_ps(st), _mm_loadu_ps(st + 8)), v = _mm_loadu_ps(st + 4);
+                            u = _mm_add_ps(u, _mm_add_ps(v, _mm_loadu_ps(st + 12))); /* A, A, B, B */
+                            u = _mm_add_ps(u, _mm_movehdup_ps(u));
+                            yt[(size_t)r * ldy + n] = _mm_cvtss_f32(u);
+                            if (r + 1 < R) yt[(size_t)(r + 1) * ldy + n] = _mm_cvtss_f32(_mm_movehl_ps(u, u));
                         }
-                        for (int j = 0; j < 8; j++) v[j] = st[16 * (r / 2) + 4 * (j / 2) + 2 * (r % 2) + j % 2];
-                        yt[(size_t)r * ldy + n] = hsum8(_mm256_loadu_ps(v));
                     }
             }
         }
