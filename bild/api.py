@@ -247,7 +247,7 @@ def gguf_little_runner(spec: str | None, big_runner, int8: bool):
     if spec is None or spec.startswith("early-exit"):
         return big_runner.early_exit(models.early_exit_layers(spec)), None
     if gguf_little.is_gguf_little(spec):  # a GGUF file's model with a reduced head or fewer layers
-        return native.NativeRunner(gguf_little.load(spec, int8=int8)), models.gguf_file(gguf_little.read(spec).model)
+        return gguf_little.load(spec, int8=int8), models.gguf_file(gguf_little.read(spec).model)
     path = models.gguf_file(spec)
     if not models.reads_directly(path):
         raise BildError(f"the little model beside a GGUF big model must be a GGUF file the native engine reads "

@@ -13,7 +13,7 @@ from .drafts import early_exit_spec
 from .errors import BildError
 from .files import keyed_path
 
-# the little model an alias pairs with when none is named (else its shipped trained draft, else an early exit)
+# the little model an alias pairs with when none is named and none is shipped for it in bild/drafts/<alias>
 PAIRS = {"qwen2.5-coder-1.5b": "qwen2.5-coder-0.5b"}
 DEFAULT_EARLY_EXIT_LAYERS = 2
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -234,12 +234,15 @@ def pair_settings(big_spec: str) -> dict:
 
 
 def default_little(big_spec: str) -> str | None:
-    """The little model of a big model alias: its pair (PAIRS), else the trained draft shipped for it
-    (bild/drafts/<alias>), if there is one."""
-    if big_spec in PAIRS:
-        return PAIRS[big_spec]
+    """The little model of a big model alias: the one shipped for it in bild/drafts/<alias> (a trained draft, or a
+    little model made from its pair's file), else its pair (PAIRS), if there is one."""
+    from .drafts import gguf as gguf_little
+    from .drafts import recipe as draft
+
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "drafts", big_spec)
-    return path if big_spec in model_files.FILES and os.path.isfile(os.path.join(path, "bild_draft.json")) else None
+    if big_spec in model_files.FILES and (gguf_little.is_gguf_little(path) or draft.is_draft_dir(path)):
+        return path
+    return PAIRS.get(big_spec)
 
 
 def early_exit_layers(spec: str | None) -> int:

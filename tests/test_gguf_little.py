@@ -60,11 +60,12 @@ def test_kept_layers_are_those_layers(files):
 
 def test_greedy_decoding_with_a_reduced_head_little_equals_ar(files, tmp_path, tok):
     d = tmp_path / "little"
-    gguf_little.save(str(d), gguf_little.GGUFLittle(str(files / "little.gguf"), len(KEPT), [0, 2]), KEPT.tolist())
+    gguf_little.save(str(d), gguf_little.GGUFLittle(str(files / "little.gguf"), len(KEPT), layers=[0, 2]), KEPT.tolist())
     big = native.NativeRunner(G.load(str(files / "big.gguf")))
     from bild.api import gguf_little_runner
     little, path = gguf_little_runner(str(d), big, int8=True)
     assert path == str(files / "little.gguf") and little.model.head_ids is not None
+    assert not isinstance(little, gguf_little.PromptHeadRunner)
     assert little.model.config.n_layers == 2
     bl = BigLittle.from_runners(big, little, tok, {2}, "reduced")
     ar = bl.generate([1, 7, 8], policy="ar", max_new_tokens=24)
@@ -73,6 +74,24 @@ def test_greedy_decoding_with_a_reduced_head_little_equals_ar(files, tmp_path, t
         assert out.token_ids == ar.token_ids
     proposals = bl.generate([1, 7, 8], policy="little", max_new_tokens=12).token_ids
     assert set(proposals) <= set(KEPT.tolist())  # the little model proposes kept tokens only
+
+
+def test_a_head_that_takes_the_prompts_tokens_is_rebuilt_per_prompt_and_stays_lossless(files, tmp_path, tok):
+    d = tmp_path / "prompt-head"
+    gguf_little.save(str(d), gguf_little.GGUFLittle(str(files / "little.gguf"), len(KEPT), prompt_tokens=True),
+                     KEPT.tolist())
+    little = gguf_little.load(str(d))
+    big = native.NativeRunner(G.load(str(files / "big.gguf")))
+    bl = BigLittle.from_runners(big, little, tok, {2}, "prompt head")
+    for prompt in ([1, 7, 8], [3, 9, 11, 12]):
+        ar = bl.generate(prompt, policy="ar", max_new_tokens=16)
+        assert bl.generate(prompt, policy="speculative", max_new_tokens=16).token_ids == ar.token_ids
+        assert little.model.head_ids.tolist() == sorted(set(KEPT.tolist()) | set(prompt))
+        full = native.NativeRunner(G.load(str(files / "little.gguf")))
+        full.start(prompt)
+        little.start(prompt)
+        mine = little.forward(prompt, keep=len(prompt))
+        assert torch.equal(mine[:, little.model.head_ids], full.forward(prompt, keep=len(prompt))[:, little.model.head_ids])
 
 
 def test_little_directories_round_trip_and_refuse_bad_ones(files, tmp_path):

@@ -18,6 +18,8 @@ def add_vocab_command(sub) -> None:
     p.add_argument("--big", default="qwen2.5-coder-1.5b")
     p.add_argument("--little", default="qwen2.5-coder-0.5b", help="the GGUF model the heads are cut from")
     p.add_argument("--sizes", default="8192,16384,32768", help="head sizes, comma separated")
+    p.add_argument("--prompt-tokens", action="store_true",
+                   help="the heads also take each prompt's own tokens (directories named ...-vocabN-prompt)")
     p.add_argument("--code", type=int, default=82, help="HumanEval calibration problems (even task numbers)")
     p.add_argument("--chat", type=int, default=80, help="ShareGPT calibration prompts")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -99,8 +101,9 @@ def cmd_vocab(args) -> None:
                "tokens": sum(map(len, outputs)), "distinct": len({t for row in outputs for t in row}),
                "coverage": {str(n): covered[n] for n in sizes}}
     for n in sizes:
-        gguf_little.save(os.path.join(args.out, f"{args.little}-vocab{n}"),
-                         gguf_little.GGUFLittle(args.little, n, metrics={"calibration_coverage": covered[n]}), ranked)
+        name = f"{args.little}-vocab{n}" + ("-prompt" if args.prompt_tokens else "")
+        recipe = gguf_little.GGUFLittle(args.little, n, args.prompt_tokens, metrics={"calibration_coverage": covered[n]})
+        gguf_little.save(os.path.join(args.out, name), recipe, ranked)
     with open(os.path.join(args.out, "vocab.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps(summary, indent=1))

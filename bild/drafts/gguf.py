@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import BildError
+from ..native import NativeModel, NativeRunner, gguf, keep_layers, reduced_head
 
 RECIPE_FILE = "bild_little.json"
 VOCAB_FILE = "vocab_ids.json"
@@ -25,6 +26,7 @@ VOCAB_FILE = "vocab_ids.json"
 class GGUFLittle:
     model: str = "qwen2.5-coder-0.5b"  # the GGUF file: an alias of model_files or a path
     vocab_size: int | None = None      # head over the first vocab_size ranked ids (None: the whole vocabulary)
+    prompt_tokens: bool = False        # a reduced head also takes each prompt's own tokens (code copies its prompt)
     layers: list[int] | None = None    # keep only these layers (None: all)
     metrics: dict = field(default_factory=dict)
 
@@ -33,7 +35,8 @@ class GGUFLittle:
             raise BildError(f"vocab_size must be >= 1, got {self.vocab_size}", field="vocab_size")
 
     def describe(self) -> str:
-        parts = [f"{self.vocab_size} of its tokens in the head" if self.vocab_size else "",
+        parts = [f"{self.vocab_size} of its tokens in the head" + (" and the prompt's" if self.prompt_tokens else "")
+                 if self.vocab_size else "",
                  f"layers {','.join(map(str, self.layers))}" if self.layers else ""]
         alpha = self.metrics.get("alpha")
         parts.append(f"acceptance {alpha:.2f} at draft position 1" if isinstance(alpha, float) else "")
@@ -64,10 +67,9 @@ def kept_ids(path: str, recipe: GGUFLittle) -> torch.Tensor | None:
 
 
 def load(path: str, int8: bool = True):
-    """The little model as a NativeModel on its file's own blocks (shares the memory map; the head's kept rows are
-    a copy of N rows)."""
+    """The little model's runner, on its file's own blocks (sharing the memory map; a reduced head's rows are a copy
+    of N rows)."""
     from .. import models
-    from ..native import gguf, keep_layers, reduced_head
 
     recipe = read(path)
     model = gguf.load(models.gguf_file(recipe.model), int8=int8)
@@ -77,7 +79,25 @@ def load(path: str, int8: bool = True):
         except ValueError as e:
             raise BildError(f"{path}: {e}", field="layers") from e
     ids = kept_ids(path, recipe)
-    return model if ids is None else reduced_head(model, ids)
+    if ids is None:
+        return NativeRunner(model)
+    return PromptHeadRunner(model, ids) if recipe.prompt_tokens else NativeRunner(reduced_head(model, ids))
+
+
+class PromptHeadRunner(NativeRunner):
+    """A reduced head that also takes each prompt's own tokens: at every start() its rows are gathered anew for the
+    kept ids and the prompt's (a copy of N + P rows, milliseconds). Still lossless: -inf outside them."""
+
+    def __init__(self, base: NativeModel, kept: torch.Tensor, max_length: int | None = None):
+        super().__init__(reduced_head(base, kept), max_length)
+        self.base, self.kept = base, kept
+
+    def start(self, prompt_ids: list[int]) -> list[int]:
+        keep = torch.zeros(self.vocab_size, dtype=torch.bool)
+        keep[self.kept] = True
+        keep[torch.tensor(prompt_ids, dtype=torch.long)] = True
+        self.model = reduced_head(self.base, keep.nonzero().squeeze(1))  # sorted ids
+        return super().start(prompt_ids)
 
 
 def save(path: str, recipe: GGUFLittle, ranked: list[int] | None = None) -> None:

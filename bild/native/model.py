@@ -180,14 +180,15 @@ def reduced_head(model: NativeModel, kept: Tensor) -> NativeModel:
     kept = torch.as_tensor(kept, dtype=torch.long)
     V = model.config.vocab_size
     if kept.ndim != 1 or not len(kept) or int(kept.min()) < 0 or int(kept.max()) >= V \
-            or len(torch.unique(kept)) != len(kept):
+            or int(torch.bincount(kept).max()) > 1:
         raise ValueError(f"kept ids must be distinct token ids in 0..{V - 1}")
     if model.head_ids is not None:
         raise ValueError("the head is already reduced")
     kept = kept.sort().values
     head = model.head
     if isinstance(head, BlockWeight):
-        head = dataclasses.replace(head, data=head.data.index_select(0, kept), shape=(len(kept), head.shape[1]))
+        rows = head.data.reshape(head.data.shape[0], -1).index_select(0, kept)  # (N, row bytes): whole rows at once
+        head = dataclasses.replace(head, data=rows.view(len(kept), *head.data.shape[1:]), shape=(len(kept), head.shape[1]))
     else:
         head = head.index_select(0, kept)  # (N, dim)
     return dataclasses.replace(model, head=head, head_ids=kept)
