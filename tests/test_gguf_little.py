@@ -60,7 +60,7 @@ def test_kept_layers_are_those_layers(files):
 
 def test_greedy_decoding_with_a_reduced_head_little_equals_ar(files, tmp_path, tok):
     d = tmp_path / "little"
-    gguf_little.save(str(d), gguf_little.GGUFLittle(str(files / "little.gguf"), len(KEPT), layers=[0, 2]), KEPT.tolist())
+    gguf_little.save(str(d), gguf_little.GGUFLittle(model=str(files / "little.gguf"), vocab_size=len(KEPT), layers=[0, 2]), KEPT.tolist())
     big = native.NativeRunner(G.load(str(files / "big.gguf")))
     from bild.api import gguf_little_runner
     little, path = gguf_little_runner(str(d), big, int8=True)
@@ -78,7 +78,7 @@ def test_greedy_decoding_with_a_reduced_head_little_equals_ar(files, tmp_path, t
 
 def test_a_head_that_takes_the_prompts_tokens_is_rebuilt_per_prompt_and_stays_lossless(files, tmp_path, tok):
     d = tmp_path / "prompt-head"
-    gguf_little.save(str(d), gguf_little.GGUFLittle(str(files / "little.gguf"), len(KEPT), prompt_tokens=True),
+    gguf_little.save(str(d), gguf_little.GGUFLittle(model=str(files / "little.gguf"), vocab_size=len(KEPT), prompt_tokens=True),
                      KEPT.tolist())
     little = gguf_little.load(str(d))
     big = native.NativeRunner(G.load(str(files / "big.gguf")))
@@ -96,7 +96,7 @@ def test_a_head_that_takes_the_prompts_tokens_is_rebuilt_per_prompt_and_stays_lo
 
 def test_little_directories_round_trip_and_refuse_bad_ones(files, tmp_path):
     d = tmp_path / "ok"
-    recipe = gguf_little.GGUFLittle(str(files / "little.gguf"), 4, metrics={"alpha": 0.9})
+    recipe = gguf_little.GGUFLittle(model=str(files / "little.gguf"), vocab_size=4, metrics={"alpha": 0.9})
     gguf_little.save(str(d), recipe, [300, 5, 2, 77, 8, 19])
     assert gguf_little.is_gguf_little(str(d)) and not gguf_little.is_gguf_little(str(tmp_path))
     assert gguf_little.read(str(d)) == recipe
@@ -105,7 +105,7 @@ def test_little_directories_round_trip_and_refuse_bad_ones(files, tmp_path):
     with pytest.raises(ValueError, match="ranked ids"):
         gguf_little.save(str(tmp_path / "short"), recipe, [1, 2])
     with pytest.raises(BildError, match="vocab_size must be >= 1"):
-        gguf_little.GGUFLittle("x", 0)
+        gguf_little.GGUFLittle(model="x", vocab_size=0)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / gguf_little.RECIPE_FILE).write_text("{not json")
@@ -143,7 +143,7 @@ def test_the_little_sweep_measures_every_little_side_by_side(files, tmp_path, to
     from bild.bench import littles
     from bild.bench.datasets import Item
     d = tmp_path / "reduced"
-    gguf_little.save(str(d), gguf_little.GGUFLittle(str(files / "little.gguf"), len(KEPT)), KEPT.tolist())
+    gguf_little.save(str(d), gguf_little.GGUFLittle(model=str(files / "little.gguf"), vocab_size=len(KEPT)), KEPT.tolist())
     big = native.NativeRunner(G.load(str(files / "big.gguf")))
     from bild.api import gguf_little_runner
     bls = {}

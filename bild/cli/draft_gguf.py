@@ -65,7 +65,9 @@ def cmd_layers(args) -> None:
     for n in keeps:
         kept = layers.most_influential(influence, n)
         name = f"{args.little}-keep{n}" + (f"-vocab{args.vocab}" if args.vocab else "")
-        gguf_little.save(os.path.join(args.out, name), gguf_little.GGUFLittle(args.little, args.vocab, kept), ranked)
+        recipe = gguf_little.GGUFLittle(model=args.little, vocab_size=args.vocab, prompt_tokens=bool(args.vocab),
+                                        layers=kept)
+        gguf_little.save(os.path.join(args.out, name), recipe, ranked)
         print(f"{name}: layers {kept}")
 
 
@@ -102,7 +104,8 @@ def cmd_vocab(args) -> None:
                "coverage": {str(n): covered[n] for n in sizes}}
     for n in sizes:
         name = f"{args.little}-vocab{n}" + ("-prompt" if args.prompt_tokens else "")
-        recipe = gguf_little.GGUFLittle(args.little, n, args.prompt_tokens, metrics={"calibration_coverage": covered[n]})
+        recipe = gguf_little.GGUFLittle(model=args.little, vocab_size=n, prompt_tokens=args.prompt_tokens,
+                                        metrics={"calibration_coverage": covered[n]})
         gguf_little.save(os.path.join(args.out, name), recipe, ranked)
     with open(os.path.join(args.out, "vocab.json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -22,7 +22,7 @@ RECIPE_FILE = "bild_little.json"
 VOCAB_FILE = "vocab_ids.json"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class GGUFLittle:
     model: str = "qwen2.5-coder-0.5b"  # the GGUF file: an alias of model_files or a path
     vocab_size: int | None = None      # head over the first vocab_size ranked ids (None: the whole vocabulary)
