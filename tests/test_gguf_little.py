@@ -178,3 +178,15 @@ def test_block_influence_ranks_a_layer_that_does_nothing_last(files):
     assert layers.most_influential([0.3, 0.1, 0.2], 2) == [0, 2]
     with pytest.raises(ValueError, match="keep 1..3"):
         layers.most_influential([0.3, 0.1, 0.2], 4)
+
+
+def test_the_shipped_coder_little_is_the_pairs_default_and_its_ids_are_sound():
+    from bild import models
+    path = models.default_little("qwen2.5-coder-1.5b")
+    assert path.endswith("drafts/qwen2.5-coder-1.5b") and gguf_little.is_gguf_little(path)
+    recipe = gguf_little.read(path)
+    assert recipe.model == "qwen2.5-coder-0.5b" and recipe.prompt_tokens and recipe.layers is None
+    ids = gguf_little.kept_ids(path, recipe)
+    assert len(ids) == recipe.vocab_size and len(set(ids.tolist())) == len(ids) and 0 <= ids.min() <= ids.max() < 151936
+    assert {151643, 151644, 151645} <= set(ids.tolist())  # <|endoftext|>, <|im_start|>, <|im_end|>
+    assert models.default_little("smollm2-135m").endswith("drafts/smollm2-135m")  # its trained draft, as before
