@@ -3,15 +3,17 @@
 memory), for k = 1, 2, 4, 8, 16 tokens, on every ISA level this CPU runs, in interleaved rounds, beside a plain
 streaming read of the same bytes (torch sum over an int32 view).
 
-    .venv/bin/python benchmarks/kquant_kernel.py [--rounds 5] [--mix q4_k|q4_k_m] [--fp32]
+    .venv/bin/python benchmarks/kquant_kernel.py [--rounds 5] [--mix q4_k|q4_k_m] [--fp32] [--against DIR]
 
 --mix q4_k_m makes v and down Q6_K as in the Q4_K_M file (0.80 GB). --fp32 adds the fp32-activation path on the
-best ISA. Prints a markdown table: the best time of each (path, k) and its ratio to k = 1 and to the plain read.
+best ISA. --against DIR adds the best ISA's build of DIR's blocks.c, kquant.c, kquant.h (say an older revision's,
+`git show REV:bild/kernels/kquant.c > DIR/kquant.c`) to the same interleaved rounds, for an A/B. Prints a markdown table: the best time of each (path, k) and its ratio to k = 1 and to the plain read.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import time
@@ -63,6 +65,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--mix", choices=("q4_k", "q4_k_m"), default="q4_k")
     ap.add_argument("--fp32", action="store_true")
+    ap.add_argument("--against", help="a directory of other kernel sources, run interleaved as ISA 'against'")
     args = ap.parse_args()
     if kernels.unavailable():
         raise SystemExit(f"kernels unavailable: {kernels.unavailable()}")
@@ -85,9 +88,22 @@ def main() -> None:
     if args.fp32:
         paths.append((kernels.isa(), "fp32", fp32_layers))
     x = {k: torch.randn(k, DIM) * 0.1 for k in KS}
+    libs = {isa: kernels._library(isa) for isa, _, _ in paths}
+    if args.against:  # the same build step on the other sources (cached by their hash like the repo's)
+        keep = list(kernels.SOURCES), list(kernels.HEADERS)
+        kernels.SOURCES[:] = [os.path.join(args.against, f) for f in ("blocks.c", "kquant.c")]
+        kernels.HEADERS[:] = [os.path.join(args.against, "kquant.h")]
+        libs["against"] = kernels._build.__wrapped__(kernels.isa())
+        kernels.SOURCES[:], kernels.HEADERS[:] = keep
+        paths.append(("against", "int8", int8_layers))
+    library = kernels._library
 
     def step(isa, layers, k):
-        kernels.model_forward(x[k].clone(), start, dims, layers, kc, vc, cos, sin, isa=isa)
+        kernels._library = lambda requested=None: libs[isa]  # model_forward's library, this path's build
+        try:
+            kernels.model_forward(x[k].clone(), start, dims, layers, kc, vc, cos, sin)
+        finally:
+            kernels._library = library
 
     def read():
         for v in views:
