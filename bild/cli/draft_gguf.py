@@ -96,7 +96,8 @@ def cmd_vocab(args) -> None:
     tok = bl.tokenizer
     outputs = vocab.big_outputs(bl.big_runner.model, bl.encode, prompts, os.path.join(args.out, OUTPUTS_FILE),
                                 args.max_new_tokens, bl.eos_ids, tok.eos_token_id, args.batch)
-    always = sorted(bl.eos_ids | set(tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])) - {None})
+    marks = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])  # the chat template's turn marks
+    always = sorted((bl.eos_ids | set(tok.all_special_ids) | set(marks)) - {None, tok.unk_token_id})
     ranked = vocab.rank(outputs, text_token_stream(tok, 1_000_000), bl.big_runner.vocab_size, always)
     covered = vocab.coverage(outputs, ranked, sizes)
     summary = {"big": args.big, "little": args.little, "prompts": len(outputs),
