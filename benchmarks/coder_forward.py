@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from bild import kernels, model_files
+from bild import kernels, model_files, models
+from bild.drafts import gguf as gguf_little
 from bild.bench.designs import stepper
 from bild.native import NativeRunner, gguf, streamed_bytes
 from native_forward import interleaved, memory_read, ms
@@ -80,6 +81,9 @@ def main():
     nbytes = streamed_bytes(runners["big"].model)
     steps = {f"big k={k}": stepper(runners["big"], context, k) for k in KS}
     steps["little k=1"] = stepper(runners["little"], context, 1)
+    shipped = models.default_little(args.big)
+    if gguf_little.is_gguf_little(shipped):  # the pair's shipped little: the same file with a reduced head
+        steps["shipped little k=1"] = stepper(gguf_little.load(shipped, int8=int8), context, 1)
     steps[f"plain read of {nbytes / 1e6:.0f} MB"] = memory_read(nbytes)
     with torch.inference_mode():
         times = interleaved(steps, args.rounds)
@@ -103,6 +107,8 @@ def main():
         tg = min(before["big"]["tg64"], after["big"]["tg64"])
         print(f"\nbild big k=1 vs llama.cpp tg64 (its best of before/after): {tg / one / 1e3:.2f}x its speed")
     print(f"little k=1 / big k=1 (c): {med['little k=1'] / one:.3f}")
+    if "shipped little k=1" in med:
+        print(f"shipped little ({shipped}) k=1 / big k=1 (c): {med['shipped little k=1'] / one:.3f}")
 
 
 if __name__ == "__main__":
