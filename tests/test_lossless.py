@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from bild import BigLittle
+from bild import BigLittle, native
 from bild.config import GenerationConfig
 from bild.policies import probs, speculative_accept, target
 from conftest import fp16_params, gguf_params, perturbed, tiny_llama, tiny_t5
@@ -205,3 +205,17 @@ def test_greedy_with_prompt_lookup_equals_ar(pair, policy):
         copied += res.stats.lookup_drafted
         assert 0 <= res.stats.lookup_accepted <= res.stats.lookup_drafted
     assert copied > 0
+
+
+def test_sampling_with_a_reduced_head_little_matches_big_distribution(small_pair, tok):
+    """A little whose head lacks tokens has q = 0 there: those come only from the residual norm(max(p − q, 0))."""
+    big, little = small_pair
+    big_runner = native.NativeRunner.from_hf(big, dtype=torch.float32)
+    with pytest.raises(ValueError, match="reduce it before packing"):
+        native.reduced_head(native.from_hf(little, torch.float32, pack=True), torch.tensor([0, 1]))
+    reduced = native.reduced_head(native.from_hf(little, torch.float32, pack=False), torch.tensor([0, 1, 3, 4, 6]))
+    bl = BigLittle.from_runners(big_runner, native.NativeRunner(reduced), tok, set())
+    prompt = [1, 4, 5]
+    samples = [tuple(bl.generate(prompt, policy="speculative", max_new_tokens=3, seed=s, gamma=3, fallback=0.0,
+                                 **SAMPLING).token_ids[:2]) for s in range(4000)]
+    assert_matches(empirical(samples), exact_two_token_distribution(big, prompt))

@@ -189,6 +189,8 @@ def reduced_head(model: NativeModel, kept: Tensor) -> NativeModel:
     if isinstance(head, BlockWeight):
         rows = head.data.reshape(head.data.shape[0], -1).index_select(0, kept)  # (N, row bytes): whole rows at once
         head = dataclasses.replace(head, data=rows.view(len(kept), *head.data.shape[1:]), shape=(len(kept), head.shape[1]))
+    elif head.is_mkldnn:
+        raise ValueError("the head is packed for oneDNN: reduce it before packing (from_hf(..., pack=False))")
     else:
         head = head.index_select(0, kept)  # (N, dim)
     return dataclasses.replace(model, head=head, head_ids=kept)
