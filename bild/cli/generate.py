@@ -32,9 +32,13 @@ def add_commands(sub) -> None:
 def cmd_prepare(args: argparse.Namespace) -> int:
     import time
 
+    from .. import kernels
+
     start = time.perf_counter()
     load_pair(args)
-    print(f"prepared {args.big} in {time.perf_counter() - start:.1f} s")
+    why = kernels.unavailable()  # builds this CPU's kernel library, which loading alone does not touch
+    print(f"prepared {args.big} in {time.perf_counter() - start:.1f} s"
+          + (f" (the block kernels cannot run here: {why})" if why else f"; kernels {kernels.isa()}"))
     return 0
 
 
