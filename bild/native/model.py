@@ -160,8 +160,7 @@ def early_exit(model: NativeModel, n_layers: int) -> NativeModel:
     """The first n_layers, then the same final norm and head. Shares every weight tensor; copies none."""
     if not 1 <= n_layers <= model.config.n_layers:
         raise ValueError(f"early exit needs 1..{model.config.n_layers} layers, got {n_layers}")
-    config = dataclasses.replace(model.config, n_layers=n_layers)
-    return dataclasses.replace(model, config=config, layers=model.layers[:n_layers])
+    return keep_layers(model, list(range(n_layers)))
 
 
 def keep_layers(model: NativeModel, layers: list[int]) -> NativeModel:
