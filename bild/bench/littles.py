@@ -31,26 +31,22 @@ def pairs(big: str, littles: list[Little]) -> dict:
     from .. import models
     from ..api import BigLittle, gguf_little_runner
 
-    first = BigLittle.load(big, little=littles[0].spec)
+    loaded = BigLittle.load(big, little="early-exit:1")  # the big model and its tokenizer; the exit is not used
     out = {}
     for d in littles:
-        runner, path = (first.little_runner, first.little_file) if d is littles[0] else \
-            gguf_little_runner(d.spec, first.big_runner, first.big_runner.model.int8)
-        bl = BigLittle.from_runners(first.big_runner, runner, first.tokenizer, first.eos_ids,
-                                    models.describe_little(d.spec), first.big_file, path)
+        runner, path = gguf_little_runner(d.spec, loaded.big_runner, loaded.big_runner.model.int8)
+        bl = BigLittle.from_runners(loaded.big_runner, runner, loaded.tokenizer, loaded.eos_ids,
+                                    models.describe_little(d.spec), loaded.big_file, path)
         bl.defaults = models.pair_settings(big)
         out[d.name] = bl
     return out
 
 
 def _size(model) -> dict:
-    from ..native import streamed_bytes
-    c = model.config
-    head = c.vocab_size if model.head_ids is None else len(model.head_ids)
-    qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
-    per_layer = qkv * c.dim + c.dim * c.n_heads * c.head_dim + 3 * c.ffn_dim * c.dim
-    return {"layers": c.n_layers, "head_tokens": head, "params": c.n_layers * per_layer + head * c.dim,
-            "bytes_per_token": streamed_bytes(model)}
+    from ..native.model import matmul_shapes, streamed_bytes
+    shapes = matmul_shapes(model)
+    return {"layers": model.config.n_layers, "head_tokens": shapes[-1][0],
+            "params": sum(rows * cols for rows, cols in shapes), "bytes_per_token": streamed_bytes(model)}
 
 
 def sweep(bls: dict, items: list, gamma: int, max_new_tokens: int, log=print) -> list[dict]:

@@ -134,15 +134,20 @@ def matmul_weights(model: NativeModel) -> list:
     return [w for layer in model.layers for w in (layer.wqkv, layer.wo, layer.w13, layer.w2)] + [model.head]
 
 
+def matmul_shapes(model: NativeModel) -> list[tuple[int, int]]:
+    """(rows, cols) of each matmul weight, in matmul_weights' order; the head's rows are its kept ids when reduced."""
+    c = model.config
+    qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+    shapes = [(qkv, c.dim), (c.dim, c.n_heads * c.head_dim), (2 * c.ffn_dim, c.dim), (c.dim, c.ffn_dim)] * c.n_layers
+    return shapes + [(c.vocab_size if model.head_ids is None else model.head_ids.shape[0], c.dim)]
+
+
 def streamed_bytes(model: NativeModel) -> int:
     """Bytes one decode step must read: every layer's matmul weights and norms, the final norm and the head (not
     the embedding, of which a step reads one row). Biases are left out: at most a few kB."""
     c = model.config
-    qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
-    shapes = [(qkv, c.dim), (c.dim, c.n_heads * c.head_dim), (2 * c.ffn_dim, c.dim), (c.dim, c.ffn_dim)] * c.n_layers
-    shapes.append((c.vocab_size if model.head_ids is None else model.head_ids.shape[0], c.dim))
     weights = sum(w.nbytes if isinstance(w, BlockWeight) else rows * cols * model.matmul_dtype.itemsize
-                  for w, (rows, cols) in zip(matmul_weights(model), shapes))
+                  for w, (rows, cols) in zip(matmul_weights(model), matmul_shapes(model)))
     return weights + (2 * c.n_layers + 1) * c.dim * model.dtype.itemsize  # and the norms
 
 
