@@ -198,6 +198,13 @@ static inline vi b32_chunk(const uint8_t *blk, int kind) { /* a Q5_0 (q - 16) or
 static inline __attribute__((always_inline)) void prefetch_block(const uint8_t *blk, int bytes) {
     for (int o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(blk + PREFETCH_BYTES + o), _MM_HINT_T0);
 }
+/* The int8 tiles' prefetch: pf bytes ahead; PREFETCH_BYTES into L1 when the rows stream in order, or (K passes,
+   which jump between a group's rows) the same block of the next group's rows, NG rows on, into L2. */
+static inline __attribute__((always_inline)) void prefetch_tile(const uint8_t *blk, int bytes, size_t pf) {
+    if (pf == PREFETCH_BYTES) prefetch_block(blk, bytes);
+    else
+        for (int o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(blk + pf + o), _MM_HINT_T1);
+}
 
 /* ---- the weights as floats, exactly gguf's ---------------------------------------------------------------- */
 
@@ -486,12 +493,14 @@ int kx_alloc(kx_t *x, int T, int K) {
 
 void kx_free(kx_t *x) { free(x->q8), free(x->d), free(x->s), free(x->u8); }
 
-/* Row t of x (family 32), or its values in tile t / RT (family 256): row t % RT's first block, and its pair's. */
-static inline kx_t kx_at(const kx_t *x, int t, int K, int F) {
-    if (F == 32) return (kx_t){x->q8 + (size_t)t * K, x->d + (size_t)t * (K / 32), x->s, x->u8 + (size_t)t * K};
-    const size_t tile = (size_t)(t / RT) * K * RT, r = t % RT; /* a tile's values; its pairs' d, s: / 128, / 32 */
+/* Row t of x's T (family 32), or its values in tile t / RT (family 256): row t % RT's first block, and its
+   pair's, with the tile's row stride rt (RT, or the rows of a last short tile, rounded up to a pair). */
+static inline kx_t kx_at(const kx_t *x, int t, int T, int K, int F) {
+    if (F == 32) return (kx_t){x->q8 + (size_t)t * K, x->d + (size_t)t * (K / 32), x->s, x->u8 + (size_t)t * K, 0};
+    const int first = t / RT * RT, left = T + (T & 1) - first, rt = left < RT ? left : RT;
+    const size_t tile = (size_t)first * K, r = t % RT; /* a tile's values; its pairs' d, s: / 128, / 32 */
     return (kx_t){x->q8 + tile + 256 * r, x->d + tile / 128 + 4 * (r / 2), x->s + tile / 32 + 16 * (r / 2),
-                  x->u8 + tile + 256 * r};
+                  x->u8 + tile + 256 * r, rt};
 }
 
 static inline int hsum_i32(__m256i v) {
@@ -511,8 +520,8 @@ static inline int round16(const float *x, __m256 inv, int8_t *q8) {
 }
 
 /* One row x (K,) -> kx_t's rows (see kquant.h); x NULL: the zero row. Family 256: block b of the row at q8, u8
-   + b * RT * 256, its pair's d + b * RT * 2, s + b * RT * 8, h the row's half. The same code on every ISA. */
-static void quantise_row(const float *x, int K, int F, int8_t *q8, float *d, float *s, uint8_t *u8, int h) {
+   + b * rt * 256, its pair's d + b * rt * 2, s + b * rt * 8, h the row's half. The same code on every ISA. */
+static void quantise_row(const float *x, int K, int F, int8_t *q8, float *d, float *s, uint8_t *u8, int h, int rt) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     for (int b = 0; b < K / F; b++) {
         const float *xb = x + (size_t)b * F;
@@ -535,24 +544,24 @@ static void quantise_row(const float *x, int K, int F, int8_t *q8, float *d, flo
         for (int j = 0; j < 8; j++) {
             const int s0 = x ? round16(xb + 32 * j, inv, nat + 32 * j) : 0;
             const int s1 = x ? round16(xb + 32 * j + 16, inv, nat + 32 * j + 16) : 0;
-            s[(size_t)b * RT * 8 + 4 * (j / 2) + 2 * h + j % 2] = xd * (float)(s0 + s1);
+            s[(size_t)b * rt * 8 + 4 * (j / 2) + 2 * h + j % 2] = xd * (float)(s0 + s1);
         }
         uint32_t in[64], out[64]; /* value 16 l + 4 v + i to byte 64 v + 4 l + i */
         memcpy(in, nat, 256);
         for (int v = 0; v < 4; v++)
             for (int l = 0; l < 16; l++) out[16 * v + l] = in[4 * l + v];
-        int8_t *qb = q8 + (size_t)b * RT * 256;
+        int8_t *qb = q8 + (size_t)b * rt * 256;
         memcpy(qb, out, 256);
-        for (int i = 0; i < 256; i++) u8[(size_t)b * RT * 256 + i] = (uint8_t)(qb[i] + 128); /* x + 128 */
-        d[(size_t)b * RT * 2 + 2 * h] = d[(size_t)b * RT * 2 + 2 * h + 1] = xd;
+        for (int i = 0; i < 256; i++) u8[(size_t)b * rt * 256 + i] = (uint8_t)(qb[i] + 128); /* x + 128 */
+        d[(size_t)b * rt * 2 + 2 * h] = d[(size_t)b * rt * 2 + 2 * h + 1] = xd;
     }
 }
 
 void kq_quantise(const float *x, int T, int K, int family, kx_t *xq) {
 #pragma omp for schedule(static)
     for (int t = 0; t < T + (T & 1); t++) {
-        const kx_t at = kx_at(xq, t, K, family);
-        quantise_row(t < T ? x + (size_t)t * K : NULL, K, family, at.q8, at.d, at.s, at.u8, t & 1);
+        const kx_t at = kx_at(xq, t, T, K, family);
+        quantise_row(t < T ? x + (size_t)t * K : NULL, K, family, at.q8, at.d, at.s, at.u8, t & 1, at.rt);
     }
 }
 
@@ -567,7 +576,7 @@ static inline __m128i q4k_scales_v(const uint8_t *s) {
 }
 
 /* A tile of x, family 32: row r's values at q8 + r K (kx_t's strides). Family 256: row r's super-block b at
-   q8 + (b RT + r) 256, pair p's xd and mins sums at d + (b RT / 2 + p) 4, s + (b RT / 2 + p) 16. */
+   q8 + (b rt + r) 256, pair p's xd and mins sums at d + (b rt / 2 + p) 4, s + (b rt / 2 + p) 16. */
 #define XQ(r, K) ((size_t)(r) * (size_t)(K))
 
 static inline ii dot4(const ub q[4], const int8_t *x) { /* Q4_K: unsigned weights against signed x */
@@ -583,7 +592,7 @@ static inline ii dotu4(ii acc, const uint8_t *xu, const ub w[4]) { /* Q6_K: x + 
    sub-block j (an exact int32 below 2^22), into the pair layout. One fma adds it times d * xd to the float lane,
    one fnmadd subtracts dmin m_j times xd sum_j qx (both exact products of floats). */
 static inline __attribute__((always_inline)) void q4k_tile(const kx_t *x, int P, int one, int K, const uint8_t *wrow,
-                                                          int b0, int b1, float *state) {
+                                                          int b0, int b1, size_t pf, float *state) {
     const __m256i sc_idx = _mm256_setr_epi8(0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3,
                                             4, 4, 5, 5, 4, 4, 5, 5, 6, 6, 7, 7, 6, 6, 7, 7);
     const __m128i m_idx = _mm_setr_epi8(8, 9, 8, 9, 10, 11, 10, 11, 12, 13, 12, 13, 14, 15, 14, 15);
@@ -592,7 +601,7 @@ static inline __attribute__((always_inline)) void q4k_tile(const kx_t *x, int P,
     for (int p = 0; p < P; p++) acc[p] = b0 ? vf_load(state + 16 * p) : vf_zero();
     for (int b = b0; b < b1; b++) {
         const uint8_t *blk = wrow + (size_t)b * 144;
-        prefetch_block(blk, 144);
+        prefetch_tile(blk, 144, pf);
         const __m128i sm = q4k_scales_v(blk + 4);
         const ii scale = ii_u8_i16(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(sm), sc_idx)); /* int16 sc_j */
         const vf mins = vf_mul(vf_u8(_mm_shuffle_epi8(sm, m_idx)), vf_set1(f16(blk + 2))); /* dmin m_j, exact */
@@ -601,9 +610,9 @@ static inline __attribute__((always_inline)) void q4k_tile(const kx_t *x, int P,
         q4k_unpack(blk + 16, q);
         _Pragma("GCC unroll 8")
         for (int p = 0; p < P; p++) {
-            const int8_t *xa = x->q8 + ((size_t)b * RT + 2 * p) * 256;
+            const int8_t *xa = x->q8 + ((size_t)b * x->rt + 2 * p) * 256;
             const ii sum = ii_madd(ii_packs(dot4(q, xa), one ? ii_zero() : dot4(q, xa + 256)), scale);
-            const size_t at = (size_t)b * RT / 2 + p;
+            const size_t at = (size_t)b * x->rt / 2 + p;
             acc[p] = vf_fnma(vf_fma_ii(acc[p], sum, vf_mul(d, vf_bcast4(x->d + 4 * at))), mins, x->s + 16 * at);
         }
     }
@@ -617,13 +626,13 @@ static inline __attribute__((always_inline)) void q4k_tile(const kx_t *x, int P,
    of each part j add to one exact int32 below 2^24, into the pair layout, fma'd with d * xd into its float
    lane. */
 static inline __attribute__((always_inline)) void q6k_tile(const kx_t *x, int P, int one, int K, const uint8_t *wrow,
-                                                          int b0, int b1, float *state) {
+                                                          int b0, int b1, size_t pf, float *state) {
     vf acc[RT / 2];
     _Pragma("GCC unroll 8")
     for (int p = 0; p < P; p++) acc[p] = b0 ? vf_load(state + 16 * p) : vf_zero();
     for (int b = b0; b < b1; b++) {
         const uint8_t *blk = wrow + (size_t)b * 210;
-        prefetch_block(blk, 210);
+        prefetch_tile(blk, 210, pf);
         const ii scale = ii_bytes_s(blk + 192);
         ub q[4];
         q6k_unpack(blk, blk + 128, q);
@@ -632,10 +641,10 @@ static inline __attribute__((always_inline)) void q6k_tile(const kx_t *x, int P,
         const vf d = vf_set1(f16(blk + 208));
         _Pragma("GCC unroll 8")
         for (int p = 0; p < P; p++) {
-            const uint8_t *xa = x->u8 + ((size_t)b * RT + 2 * p) * 256;
+            const uint8_t *xa = x->u8 + ((size_t)b * x->rt + 2 * p) * 256;
             const ii sb = one ? ii_zero() : ii_mullo(dotu4(corr, xa + 256, q), scale);
             const ii sum = ii_pairsum(ii_mullo(dotu4(corr, xa, q), scale), sb);
-            acc[p] = vf_fma_ii(acc[p], sum, vf_mul(d, vf_bcast4(x->d + ((size_t)b * RT / 2 + p) * 4)));
+            acc[p] = vf_fma_ii(acc[p], sum, vf_mul(d, vf_bcast4(x->d + ((size_t)b * x->rt / 2 + p) * 4)));
         }
     }
     _Pragma("GCC unroll 8")
@@ -691,10 +700,10 @@ static inline vf vf_pair_at(const float *p) { return vf_pair(p[0], p[1]); }
    the exact sum of its 4 values' (q - 16) qx (Q5_0: unsigned q, the lane starting at -16 times its values' sum of
    x) or q qx (Q8_0), fma'd with d * xd of its block into float lane l. */
 static inline __attribute__((always_inline)) void b32_step(const kx_t *x, int R, int K, const uint8_t *blk, int kind,
-                                                          int b, int two, vf acc[]) {
+                                                          int b, int two, size_t pf, vf acc[]) {
     const int bytes = kind_bytes(kind), q8 = kind == KIND_GGUF_Q8_0;
     (void)q8; /* the AVX2 build multiplies Q8_0 signed by signed */
-    if (two) prefetch_block(blk, 2 * bytes);
+    if (two) prefetch_tile(blk, 2 * bytes, pf);
     const ub w = two ? b32_two(blk, kind) : ub_pair(b32_bytes(blk, kind), _mm256_setzero_si256());
     const ii corr = ii_corr(ii_zero(), w);
     const vf d = two ? vf_pair_f16(blk, blk + bytes) : vf_pair(f16(blk), 0.0f);
@@ -716,26 +725,27 @@ static inline __attribute__((always_inline)) void b32_step(const kx_t *x, int R,
 /* One Q5_0 / Q8_0 weight row (kind a constant after inlining) against R = 2 P - one rows of x, two blocks (64
    values) a step; an odd last block fills lanes 0..7. */
 static inline __attribute__((always_inline)) void b32_tile(const kx_t *x, int P, int one, int K, const uint8_t *wrow,
-                                                          int kind, int b0, int b1, float *state) {
+                                                          int kind, int b0, int b1, size_t pf, float *state) {
     const int bytes = kind_bytes(kind), R = 2 * P - one;
     vf acc[RT];
     _Pragma("GCC unroll 16")
     for (int r = 0; r < R; r++) acc[r] = b0 ? vf_load(state + 16 * r) : vf_zero();
     int b = b0;
-    for (; b + 1 < b1; b += 2) b32_step(x, R, K, wrow + (size_t)b * bytes, kind, b, 1, acc);
-    if (b < b1) b32_step(x, R, K, wrow + (size_t)b * bytes, kind, b, 0, acc);
+    for (; b + 1 < b1; b += 2) b32_step(x, R, K, wrow + (size_t)b * bytes, kind, b, 1, pf, acc);
+    if (b < b1) b32_step(x, R, K, wrow + (size_t)b * bytes, kind, b, 0, pf, acc);
     _Pragma("GCC unroll 16")
     for (int r = 0; r < R; r++) vf_store(state + 16 * r, acc[r]);
 }
 
 /* One register tile: R rows of x, in pairs (a constant number in each case; one row alone skips its pair's zero
    row), against one weight row, over its blocks b0..b1. */
-static void tile_int8(const kx_t *x, int R, int K, const uint8_t *wrow, int kind, int b0, int b1, float *state) {
+static void tile_int8(const kx_t *x, int R, int K, const uint8_t *wrow, int kind, int b0, int b1, size_t pf,
+                      float *state) {
 #define CASE(n, one)                                                                                                 \
-    if (kind == KIND_GGUF_Q4_K) q4k_tile(x, n, one, K, wrow, b0, b1, state);                                         \
-    else if (kind == KIND_GGUF_Q6_K) q6k_tile(x, n, one, K, wrow, b0, b1, state);                                    \
-    else if (kind == KIND_GGUF_Q5_0) b32_tile(x, n, one, K, wrow, KIND_GGUF_Q5_0, b0, b1, state);                    \
-    else b32_tile(x, n, one, K, wrow, KIND_GGUF_Q8_0, b0, b1, state);                                                \
+    if (kind == KIND_GGUF_Q4_K) q4k_tile(x, n, one, K, wrow, b0, b1, pf, state);                                         \
+    else if (kind == KIND_GGUF_Q6_K) q6k_tile(x, n, one, K, wrow, b0, b1, pf, state);                                    \
+    else if (kind == KIND_GGUF_Q5_0) b32_tile(x, n, one, K, wrow, KIND_GGUF_Q5_0, b0, b1, pf, state);                    \
+    else b32_tile(x, n, one, K, wrow, KIND_GGUF_Q8_0, b0, b1, pf, state);                                                \
     break;
     switch (R == 1 ? 0 : (R + 1) / 2) {
     case 0: CASE(1, 1)
@@ -763,13 +773,14 @@ void kq_linear_int8(const kx_t *xq, int T, int K, const uint8_t *w, int N, int k
             const int n0 = g * NG, n1 = N - n0 < NG ? N : n0 + NG;
             float state[NG * RT * 16];
             for (int t = t0; t < end; t += RT) {
-                const kx_t xt = kx_at(xq, t, K, F);
+                const kx_t xt = kx_at(xq, t, T, K, F);
                 const int R = end - t < RT ? end - t : RT;
                 float *yt = y + (size_t)t * ldy;
                 const int KC = F == 32 ? nb : X_L1_BYTES / (256 * ((R + 1) / 2 * 2)) + 1; /* blocks a pass */
+                const size_t pf = KC < nb ? NG * row_bytes : PREFETCH_BYTES;
                 for (int b0 = 0; b0 < nb; b0 += KC)
                     for (int n = n0; n < n1; n++)
-                        tile_int8(&xt, R, K, w + (size_t)n * row_bytes, kind, b0, nb - b0 < KC ? nb : b0 + KC,
+                        tile_int8(&xt, R, K, w + (size_t)n * row_bytes, kind, b0, nb - b0 < KC ? nb : b0 + KC, pf,
                                   state + (n - n0) * RT * 16);
                 for (int n = n0; n < n1; n++)
                     for (int r = 0; r < R; r++) {
@@ -793,7 +804,7 @@ void kq_linear_int8(const kx_t *xq, int T, int K, const uint8_t *w, int N, int k
    Returns 0, or -1 when scratch memory cannot be had. */
 int kq_linear(const float *x, int T, int K, const uint8_t *w, int N, int kind, int int8, float *y, int ldy,
               int threads) {
-    kx_t xq = {NULL, NULL, NULL, NULL};
+    kx_t xq = {NULL, NULL, NULL, NULL, 0};
     if (int8 && !kx_alloc(&xq, T, K)) {
         kx_free(&xq);
         return -1;

@@ -17,7 +17,8 @@ static inline int kq_family(int kind) { return kind == KIND_GGUF_Q4_K || kind ==
 
 /* x (T, K) rounded to int8 values per block of `family` values (kquant.c: "int8 value order" and "Row pairs"):
    q8   the int8 values. Family 32: row t at t K, in order. Family 256: tile-major, in kquant.c's register tiles
-        of RT rows: super-block b of row t in tile t / RT at (t / RT) K RT + (b RT + t % RT) 256, lane-major;
+        of RT rows: super-block b of row t in tile t / RT at (t / RT) K RT + (b rt + t % RT) 256, lane-major,
+        rt the tile's rows (RT, or a last tile's, rounded up to a pair: no 4 KB strides over unused rows);
    u8   the same plus 128, unsigned (for the kinds whose weights go in signed);
    d    the scale xd of each block: family 32 row t's at t (K / 32); family 256 per pair of rows and super-block,
         4 floats (A, A, B, B) in the same tile-major order;
@@ -27,6 +28,7 @@ typedef struct {
     int8_t *q8;
     float *d, *s;
     uint8_t *u8;
+    int rt; /* kquant.c's view of one tile (kx_at): its row stride; 0 in the allocation */
 } kx_t;
 
 int kx_alloc(kx_t *x, int T, int K);
