@@ -54,7 +54,7 @@
 #define RT 8
 #endif
 #define NG 8 /* int8: weight rows per group: a group's rows stay in L1 for every register tile of x */
-#define PREFETCH_BYTES 2048 /* how far ahead along the weight stream the products prefetch */
+#define PREFETCH_BYTES 4096 /* how far ahead along the weight stream the products prefetch */
 #define X_CHUNK_BYTES (256 * 1024) /* rows of x per pass over the whole weight stay in L2 */
 #define X_L1_BYTES (24 * 1024) /* K-quants: a tile's x values per pass over a group's blocks stay in L1 */
 
