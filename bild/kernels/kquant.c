@@ -565,14 +565,17 @@ void kq_quantise(const float *x, int T, int K, int family, kx_t *xq) {
     }
 }
 
-/* ggml's get_scale_min_k4 on four words at once, in a register: the 12 scale bytes -> sc[0..8) in bytes 0..8,
-   m[0..8) in bytes 8..16. */
+/* ggml's get_scale_min_k4 in one vector: the 12 scale bytes -> sc[0..8) in bytes 0..8, m[0..8) in bytes 8..16
+   (the low 6 bits of s[0..8), or s[8..12)'s nibbles under the top 2 bits of s[0..8)). */
 static inline __m128i q4k_scales_v(const uint8_t *s) {
-    uint32_t u[3];
-    memcpy(u, s, 12);
-    const uint32_t m6 = 0x3f3f3f3f, m4 = 0x0f0f0f0f, m2 = 0x03030303;
-    return _mm_setr_epi32((int)(u[0] & m6), (int)((u[2] & m4) | (((u[0] >> 6) & m2) << 4)), (int)(u[1] & m6),
-                          (int)(((u[2] >> 4) & m4) | (((u[1] >> 6) & m2) << 4)));
+    const __m128i v = _mm_loadu_si128((const __m128i *)s); /* the 12 scale bytes and 4 of the nibbles after */
+    const __m128i low = _mm_and_si128(_mm_shuffle_epi8(v, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, -1, -1, -1, -1)),
+                                      _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 0, 0, 0, 0));
+    const __m128i nib = _mm_and_si128(_mm_shuffle_epi8(_mm_srli_epi16(v, 4), _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 8, 9, 10, 11)),
+                                      _mm_set1_epi8(15));
+    const __m128i top = _mm_and_si128(_mm_shuffle_epi8(_mm_srli_epi16(v, 2), _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7)),
+                                      _mm_set1_epi8(0x30));
+    return _mm_or_si128(_mm_or_si128(low, nib), top);
 }
 
 /* A tile of x, family 32: row r's values at q8 + r K (kx_t's strides). Family 256: row r's super-block b at
