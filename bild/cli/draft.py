@@ -55,9 +55,10 @@ def add_commands(subparsers) -> None:
 
     sub.add_parser("sweep", help="train recipes (optional), then measure every draft: size, c, α, speedups",
                    fill=_sweep_command)
-    from .draft_gguf import add_layers_command, add_vocab_command
+    from .draft_gguf import add_heal_command, add_layers_command, add_vocab_command
     add_vocab_command(sub)
     add_layers_command(sub)
+    add_heal_command(sub)
     subparsers.add_parser("align", help="BiLD prediction alignment end to end (teacher caches, build, train, export)",
                           fill=_align_command)
 

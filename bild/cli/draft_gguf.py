@@ -3,6 +3,7 @@ made from the little file by transforms that add no weights (bild.drafts.gguf), 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -69,6 +70,64 @@ def cmd_layers(args) -> None:
                                         layers=kept)
         gguf_little.save(os.path.join(args.out, name), recipe, ranked)
         print(f"{name}: layers {kept}")
+
+
+def add_heal_command(sub) -> None:
+    p = sub.add_parser("heal", help="prediction alignment of a layer-dropped little model (GGUF pairs): LoRA on its "
+                                    "kept layers, trained on the big model's calibration outputs; logs the agreement "
+                                    "with the big model on held-out calibration outputs")
+    p.add_argument("out")
+    p.add_argument("--little", required=True, help="a little model directory (`bild draft layers`)")
+    p.add_argument("--from", dest="vocab_dir", required=True, help="a `bild draft vocab` output directory")
+    p.add_argument("--big", default="qwen2.5-coder-1.5b", help="whose tokenizer encodes the calibration prompts")
+    from ..training.heal import HealConfig
+    from .args import add_fields
+    add_fields(p, HealConfig)
+    p.add_argument("--baseline", action="store_true", help="also measure the little's file with all its layers")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(handler=cmd_heal)
+
+
+def cmd_heal(args) -> None:
+    import random
+
+    import torch
+
+    from .. import models
+    from ..api import BigLittle
+    from ..drafts import gguf as gguf_little
+    from ..training import heal, vocab
+    from .args import given
+    torch.set_num_threads(args.threads)
+    cfg = heal.HealConfig(**given(args, heal.HealConfig))
+    recipe = gguf_little.read(args.little)
+    kept = gguf_little.kept_ids(args.little, recipe)
+    file = models.gguf_file(recipe.model)
+    with open(os.path.join(args.vocab_dir, OUTPUTS_FILE)) as f:
+        outputs = {r["id"]: r["tokens"] for r in map(json.loads, f)}
+    encode = BigLittle.load(args.big, little="early-exit:1").encode
+    prompts = [(pid, encode(p)) for pid, p in vocab.calibration_prompts(82, 80) if pid in outputs]
+    n_layers = len(recipe.layers) if recipe.layers else None
+    model = heal.student(file, recipe.layers or list(range(n_layers or 0)), kept)
+    vocab_size = model.model.embed_tokens.num_embeddings
+    exs = heal.examples([p for _, p in prompts], [outputs[pid] for pid, _ in prompts], kept, vocab_size,
+                        cfg.max_tokens)
+    held = set(random.Random(cfg.seed).sample(range(len(exs)), cfg.heldout))
+    train_exs, heldout = [e for i, e in enumerate(exs) if i not in held], [e for i, e in enumerate(exs) if i in held]
+    os.makedirs(args.out, exist_ok=True)
+    summary = {"little": args.little, "layers": recipe.layers, "head": len(kept), "train_sequences": len(train_exs),
+               "heldout_sequences": len(heldout), "config": dataclasses.asdict(cfg)}
+    if args.baseline:
+        from ..native import gguf
+        full = heal.student(file, list(range(gguf.config(gguf.read(file))[0].n_layers)), kept)
+        summary["baseline_agreement"] = heal.agreement(full, heldout)
+        del full
+    lora = heal.add_lora(model, cfg.rank, cfg.alpha)
+    summary["trainable_parameters"] = sum(m.a.numel() + m.b.numel() for m in lora.values())
+    print(json.dumps(summary))
+    summary["last"] = heal.train(model, lora, train_exs, heldout, cfg, args.out)
+    with open(os.path.join(args.out, "heal.json"), "w") as f:
+        json.dump(summary, f, indent=1)
 
 
 def _sizes(text: str, name: str = "sizes") -> list[int]:

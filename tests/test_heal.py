@@ -1,0 +1,73 @@
+"""Prediction alignment of layer-dropped GGUF littles (bild/training/heal.py): the student is the file's own model
+(kept layers, kept head rows), LoRA starts as the identity, training lowers the loss and resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from test_gguf import IDS, LIKE_0_5B, native_logits, tiny_qwen2, write_gguf
+
+from bild import native
+from bild.native import gguf as G
+from bild.training import heal
+
+KEPT = torch.tensor([0, 2, 5, 8, 19, 64, 77, 250, 300])
+
+
+def file_pair(tmp_path):
+    path = tmp_path / "little.gguf"
+    write_gguf(tiny_qwen2(3, layers=3), path, LIKE_0_5B)
+    return str(path)
+
+
+def test_student_is_the_files_kept_layers_and_head_rows(tmp_path):
+    path = file_pair(tmp_path)
+    want = native_logits(native.keep_layers(G.load(path, int8=False), [0, 2]), IDS)[:, KEPT]  # (T, kept)
+    with torch.no_grad():
+        got = heal.student(path, [0, 2], KEPT)(input_ids=torch.tensor([IDS])).logits[0]
+    assert got.shape == (len(IDS), len(KEPT))
+    assert (got - want).abs().max() < 1e-3 * want.abs().max()
+
+
+def test_lora_starts_as_the_identity_and_freezes_the_base(tmp_path):
+    model = heal.student(file_pair(tmp_path), [0, 1, 2], KEPT)
+    ids = torch.tensor([IDS])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        lora = heal.add_lora(model, rank=4, alpha=8.0)
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+    assert len(lora) == 3 * 7
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith((".a", ".b")) for n in trainable)
+
+
+def test_examples_label_outputs_in_head_indices_and_count_misses():
+    exs = heal.examples([[5, 77, 3]], [[250, 19, 7, 2]], KEPT, 320, max_tokens=16)
+    (ex,) = exs
+    assert ex["ids"].tolist() == [5, 77, 3, 250, 19, 7, 2]
+    index = {int(t): i for i, t in enumerate(KEPT)}
+    assert ex["labels"].tolist() == [-100, -100, index[250], index[19], -100, index[2], -100]  # 7 is not kept
+    assert ex["predicts"].tolist() == [False, False, True, True, True, True, False]
+
+
+def test_training_lowers_the_loss_and_resumes(tmp_path):
+    path = file_pair(tmp_path)
+    exs = heal.examples([[5, 77, 3]], [[250, 19, 64, 8, 300, 2] * 2], KEPT, 320, max_tokens=32)
+    cfg = heal.HealConfig(rank=4, alpha=8.0, lr=3e-2, epochs=6, accumulate=1, eval_every=3)
+    out = tmp_path / "run"
+    out.mkdir()
+    model = heal.student(path, [0, 2], KEPT)
+    lora = heal.add_lora(model, cfg.rank, cfg.alpha)
+    with torch.no_grad():
+        start = float(heal.loss_of(model, exs[0]))
+    half = heal.HealConfig(**{**cfg.__dict__, "epochs": 3})
+    heal.train(model, lora, exs, exs, half, str(out), log=lambda _: None)
+    model = heal.student(path, [0, 2], KEPT)  # a fresh process: the checkpoint brings the deltas back
+    lora = heal.add_lora(model, cfg.rank, cfg.alpha)
+    last = heal.train(model, lora, exs, exs, cfg, str(out), log=lambda _: None)
+    steps = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
+    assert steps == [0, 1, 2, 3, 4, 5, 6]
+    assert last["loss"] < 0.5 * start
+    assert last["agreement"] > heal.agreement(heal.student(path, [0, 2], KEPT), exs)
