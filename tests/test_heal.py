@@ -15,9 +15,9 @@ from bild.training import heal
 KEPT = torch.tensor([0, 2, 5, 8, 19, 64, 77, 250, 300])
 
 
-def file_pair(tmp_path):
+def file_pair(tmp_path, types=LIKE_0_5B):
     path = tmp_path / "little.gguf"
-    write_gguf(tiny_qwen2(3, layers=3), path, LIKE_0_5B)
+    write_gguf(tiny_qwen2(3, layers=3), path, types)
     return str(path)
 
 
@@ -71,3 +71,34 @@ def test_training_lowers_the_loss_and_resumes(tmp_path):
     assert steps == [0, 1, 2, 3, 4, 5, 6]
     assert last["loss"] < 0.5 * start
     assert last["agreement"] > heal.agreement(heal.student(path, [0, 2], KEPT), exs)
+
+
+def test_exported_deltas_merge_into_the_native_little(tmp_path, tok):
+    """The directory `bild draft heal` writes: the native little on the file plus merged deltas computes what the
+    trained student does (Q8_0 projections: requantised to Q8_0, close), and greedy speculative with it equals ar."""
+    from bild import BigLittle
+    from bild.drafts import gguf as gguf_little
+
+    path = file_pair(tmp_path, {**LIKE_0_5B, **{k: LIKE_0_5B["attn_v"] for k in heal.PROJECTIONS}})  # all Q8_0
+    torch.manual_seed(0)
+    model = heal.student(path, [0, 2], KEPT)
+    lora = heal.add_lora(model, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for m in lora.values():
+            m.b.normal_(0, 0.5)  # deltas well above the requantisation noise of the random blocks
+        want = model(input_ids=torch.tensor([IDS])).logits[0]  # (T, kept)
+    little = tmp_path / "little"
+    little.mkdir()
+    assert heal.export(lora, str(little / "deltas.safetensors")) > 0
+    gguf_little.save(str(little), gguf_little.GGUFLittle(model=path, vocab_size=len(KEPT), layers=[0, 2],
+                                                         deltas="deltas.safetensors"), KEPT.tolist())
+    runner = gguf_little.load(str(little), int8=False)
+    runner.start(IDS)
+    got = runner.forward(IDS, keep=len(IDS))[:, KEPT]  # (T, kept)
+    plain = native_logits(native.keep_layers(G.load(path, int8=False), [0, 2]), IDS)[:, KEPT]
+    assert (got - want).abs().max() < 0.05 * (plain - want).abs().max()  # the deltas are in, up to requantising
+
+    big = G.load(path)
+    bl = BigLittle.from_runners(native.NativeRunner(big), gguf_little.load(str(little)), tok, {2}, "healed")
+    ar = bl.generate([1, 7, 8], policy="ar", max_new_tokens=16).token_ids
+    assert bl.generate([1, 7, 8], policy="speculative", max_new_tokens=16).token_ids == ar

@@ -126,8 +126,18 @@ def cmd_heal(args) -> None:
     summary["trainable_parameters"] = sum(m.a.numel() + m.b.numel() for m in lora.values())
     print(json.dumps(summary))
     summary["last"] = heal.train(model, lora, train_exs, heldout, cfg, args.out)
+    little = os.path.join(args.out, "little")  # the healed little model's directory
+    os.makedirs(little, exist_ok=True)
+    summary["deltas_bytes"] = heal.export(lora, os.path.join(little, "deltas.safetensors"))
+    ranked = None
+    if recipe.vocab_size:
+        with open(os.path.join(args.little, gguf_little.VOCAB_FILE)) as f:
+            ranked = json.load(f)
+    metrics = {"heldout_agreement": summary["last"].get("agreement"), "trained_tokens": summary["last"].get("tokens")}
+    gguf_little.save(little, dataclasses.replace(recipe, deltas="deltas.safetensors", metrics=metrics), ranked)
     with open(os.path.join(args.out, "heal.json"), "w") as f:
         json.dump(summary, f, indent=1)
+    print(f"healed little model: {little}")
 
 
 def _sizes(text: str, name: str = "sizes") -> list[int]:

@@ -2,9 +2,13 @@
 head (the kept token ids) and kept layers. Their directory holds only the recipe and the ids; the weights stay in the
 file (model_files installs it).
 
-    bild_little.json   {"model": alias or .gguf path, "vocab_size": N or null, "layers": [ids] or null, "metrics": {}}
+    bild_little.json   {"model": alias or .gguf path, "vocab_size": N or null, "layers": [ids] or null,
+                        "deltas": file name or null, "metrics": {}}
     vocab_ids.json     token ids ranked by how often the big model emitted them on calibration prompts (most first);
                        the head keeps the first vocab_size
+    deltas             optional (`bild draft heal`): low-rank deltas of the kept layers' projections, safetensors
+                       "<kept position>.<gguf name>.a" (r, in) and ".b" (out, r, scale folded in), fp16. At load
+                       each projection becomes dequantise(W) + b a, requantised to Q8_0 if it was Q8_0, else Q5_0.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class GGUFLittle:
     vocab_size: int | None = None      # head over the first vocab_size ranked ids (None: the whole vocabulary)
     prompt_tokens: bool = False        # a reduced head also takes each prompt's own tokens (code copies its prompt)
     layers: list[int] | None = None    # keep only these layers (None: all)
+    deltas: str | None = None          # a file of trained low-rank deltas in the directory, merged at load
     metrics: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -37,7 +42,8 @@ class GGUFLittle:
     def describe(self) -> str:
         parts = [f"{self.vocab_size} of its tokens in the head" + (" and the prompt's" if self.prompt_tokens else "")
                  if self.vocab_size else "",
-                 f"layers {','.join(map(str, self.layers))}" if self.layers else ""]
+                 f"layers {','.join(map(str, self.layers))}" if self.layers else "",
+                 "trained deltas merged" if self.deltas else ""]
         alpha = self.metrics.get("alpha")
         parts.append(f"acceptance {alpha:.2f} at draft position 1" if isinstance(alpha, float) else "")
         return f"{self.model} ({'; '.join(p for p in parts if p)})"
@@ -72,7 +78,9 @@ def load(path: str, int8: bool = True):
     from .. import models
 
     recipe = read(path)
-    model = gguf.load(models.gguf_file(recipe.model), int8=int8)
+    file = models.gguf_file(recipe.model)
+    merged = merged_tensors(path, recipe, file) if recipe.deltas else None
+    model = gguf.load(file, int8=int8, replace=merged)
     if recipe.layers:
         try:
             model = keep_layers(model, recipe.layers)
@@ -82,6 +90,32 @@ def load(path: str, int8: bool = True):
     if ids is None:
         return NativeRunner(model)
     return PromptHeadRunner(model, ids) if recipe.prompt_tokens else NativeRunner(reduced_head(model, ids))
+
+
+def merged_tensors(path: str, recipe: GGUFLittle, file: str) -> dict:
+    """{tensor name: FileTensor} of the kept layers' projections with the directory's deltas added, requantised."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+    from safetensors.torch import load_file
+
+    try:
+        deltas = load_file(os.path.join(path, recipe.deltas))
+    except OSError as e:
+        raise BildError(f"{path}: cannot read its deltas {recipe.deltas} ({e})", field="deltas") from e
+    f, layers, out = gguf.read(file), recipe.layers or None, {}
+    for key in sorted({k.rsplit(".", 1)[0] for k in deltas}):  # "<kept position>.<gguf name>"
+        at, short = key.split(".", 1)
+        layer = layers[int(at)] if layers else int(at)
+        t = f.get(f"blk.{layer}.{short}.weight")
+        a, b = deltas[key + ".a"].float(), deltas[key + ".b"].float()  # (r, in), (out, r)
+        if (b.shape[0], a.shape[1]) != t.shape:
+            raise BildError(f"{path}: delta {key} is {(b.shape[0], a.shape[1])}, the tensor {t.name} {t.shape}")
+        w = dequantize(t.data, GGMLQuantizationType[t.kind]).reshape(t.shape) + (b @ a).numpy()  # (out, in)
+        kind = "Q8_0" if t.kind == "Q8_0" else "Q5_0"
+        raw = quantize(w.astype(np.float32), GGMLQuantizationType[kind])
+        out[t.name] = gguf.FileTensor(t.name, kind, t.shape, np.ascontiguousarray(raw).reshape(-1))
+    return out
 
 
 class PromptHeadRunner(NativeRunner):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace as with_fields
 
 import numpy as np
 import torch
@@ -153,10 +153,13 @@ def _need(f: Tensors, key: str):
     return f.meta[key]
 
 
-def load(path: str, int8: bool = True, max_length: int | None = None) -> NativeModel:
+def load(path: str, int8: bool = True, max_length: int | None = None, replace: dict | None = None) -> NativeModel:
     """The file as a NativeModel on its own blocks. int8: the products take activations rounded to int8 per block,
-    as llama.cpp computes (fast); False: float32 activations, the exact reference of the same weights."""
+    as llama.cpp computes (fast); False: float32 activations, the exact reference of the same weights. replace:
+    {name: FileTensor} taken instead of the file's tensors of those names (a little model's merged deltas)."""
     f = read(path)
+    if replace:
+        f = with_fields(f, tensors={**f.tensors, **replace})
     cfg, theta = config(f, max_length)
     layers = [_layer(f, i, cfg, int8) for i in range(cfg.n_layers)]
     embed = _matrix(f, "token_embd.weight", (cfg.vocab_size, cfg.dim), int8)

@@ -184,3 +184,15 @@ def train(model: nn.Module, lora: dict[str, LoRALinear], train_exs: list[dict], 
             f.write(json.dumps(last) + "\n"), f.flush()
             log(json.dumps(last))
     return last
+
+
+def export(lora: dict[str, LoRALinear], path: str) -> int:
+    """The deltas as bild.drafts.gguf reads them (scale folded into b, fp16); returns the file's bytes."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for key, m in lora.items():
+        tensors[key + ".a"] = m.a.detach().half().contiguous()
+        tensors[key + ".b"] = (m.b.detach() * m.scale).half().contiguous()
+    save_file(tensors, path)
+    return os.path.getsize(path)
