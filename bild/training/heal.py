@@ -148,7 +148,7 @@ def train(model: nn.Module, lora: dict[str, LoRALinear], train_exs: list[dict], 
     """LoRA training with AdamW, resumable from out/heal.pt; logs out/log.jsonl; returns the last measures."""
     params = [p for m in lora.values() for p in (m.a, m.b)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    ckpt, step, seen = os.path.join(out, "heal.pt"), 0, 0
+    ckpt, step, seen, last = os.path.join(out, "heal.pt"), 0, 0, {}
     if os.path.isfile(ckpt):
         state = torch.load(ckpt)
         for k, m in lora.items():
@@ -156,10 +156,12 @@ def train(model: nn.Module, lora: dict[str, LoRALinear], train_exs: list[dict], 
         opt.load_state_dict(state["optimizer"])
         step, seen = state["step"], state["seen"]
         log(f"resumed at step {step}")
+        with open(os.path.join(out, "log.jsonl")) as f:
+            last = [json.loads(line) for line in f][-1]  # what the run measured last, if it has no step left
     order = [i for e in range(cfg.epochs) for i in random.Random(cfg.seed + e).sample(range(len(train_exs)),
                                                                                            len(train_exs))]
     total = len(order) // cfg.accumulate
-    t0, last = time.perf_counter(), {}
+    t0 = time.perf_counter()
     with open(os.path.join(out, "log.jsonl"), "a") as f:
         if step == 0:
             last = {"step": 0, "agreement": agreement(model, heldout), "seconds": 0.0}
