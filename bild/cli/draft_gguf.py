@@ -96,6 +96,7 @@ def cmd_heal(args) -> None:
     from .. import models
     from ..api import BigLittle
     from ..drafts import gguf as gguf_little
+    from ..native import gguf
     from ..training import heal, vocab
     from .args import given
     torch.set_num_threads(args.threads)
@@ -107,8 +108,8 @@ def cmd_heal(args) -> None:
         outputs = {r["id"]: r["tokens"] for r in map(json.loads, f)}
     encode = BigLittle.load(args.big, little="early-exit:1").encode
     prompts = [(pid, encode(p)) for pid, p in vocab.calibration_prompts(82, 80) if pid in outputs]
-    n_layers = len(recipe.layers) if recipe.layers else None
-    model = heal.student(file, recipe.layers or list(range(n_layers or 0)), kept)
+    every = list(range(gguf.config(gguf.read(file))[0].n_layers))  # the file's layers
+    model = heal.student(file, recipe.layers or every, kept)
     vocab_size = model.model.embed_tokens.num_embeddings
     exs = heal.examples([p for _, p in prompts], [outputs[pid] for pid, _ in prompts], kept, vocab_size,
                         cfg.max_tokens)
@@ -118,8 +119,7 @@ def cmd_heal(args) -> None:
     summary = {"little": args.little, "layers": recipe.layers, "head": len(kept), "train_sequences": len(train_exs),
                "heldout_sequences": len(heldout), "config": dataclasses.asdict(cfg)}
     if args.baseline:
-        from ..native import gguf
-        full = heal.student(file, list(range(gguf.config(gguf.read(file))[0].n_layers)), kept)
+        full = heal.student(file, every, kept)
         summary["baseline_agreement"] = heal.agreement(full, heldout)
         del full
     lora = heal.add_lora(model, cfg.rank, cfg.alpha)
