@@ -190,3 +190,25 @@ def test_the_shipped_coder_little_is_the_pairs_default_and_its_ids_are_sound():
     assert len(ids) == recipe.vocab_size and len(set(ids.tolist())) == len(ids) and 0 <= ids.min() <= ids.max() < 151936
     assert {151643, 151644, 151645} <= set(ids.tolist())  # <|endoftext|>, <|im_start|>, <|im_end|>
     assert models.default_little("smollm2-135m").endswith("drafts/smollm2-135m")  # its trained draft, as before
+
+
+def test_draft_layers_writes_early_exits_of_any_file_with_the_big_models_ranked_head(files, tmp_path):
+    """`bild draft layers --select first`: directories of the first N layers (an early exit, here of the big
+    file), whose head takes the ranked ids of any head of that size in the vocab directory."""
+    from bild.cli import main
+    vocab_dir = tmp_path / "vocab"
+    gguf_little.save(str(vocab_dir / "other-little-vocab4"), gguf_little.GGUFLittle(model="x", vocab_size=4),
+                     [300, 5, 2, 77])
+    (vocab_dir / "big_outputs.jsonl").write_text(json.dumps({"id": "a", "tokens": [5, 2, 77]}) + "\n")
+    big = str(files / "big.gguf")
+    out = tmp_path / "layers"
+    assert main(["draft", "layers", str(out), "--from", str(vocab_dir), "--little", big, "--keep", "1,2",
+                 "--select", "first", "--vocab", "4"]) == 0
+    one = gguf_little.read(str(out / "big-first1-vocab4"))
+    assert one.layers == [0] and one.vocab_size == 4 and one.model == big
+    assert gguf_little.kept_ids(str(out / "big-first2-vocab4"), one).tolist() == [2, 5, 77, 300]
+    assert gguf_little.load(str(out / "big-first2-vocab4")).model.config.n_layers == 2
+    assert main(["draft", "layers", str(out), "--from", str(vocab_dir), "--little", big, "--keep", "3",
+                 "--select", "first"]) == 2  # the tiny big file has 2 layers
+    assert main(["draft", "layers", str(out), "--from", str(vocab_dir), "--little", big, "--keep", "1",
+                 "--vocab", "8"]) == 2  # no head of 8 tokens

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import pytest
 import torch
 from test_gguf import IDS, LIKE_0_5B, native_logits, tiny_qwen2, write_gguf
 
@@ -102,3 +104,42 @@ def test_exported_deltas_merge_into_the_native_little(tmp_path, tok):
     bl = BigLittle.from_runners(native.NativeRunner(big), gguf_little.load(str(little)), tok, {2}, "healed")
     ar = bl.generate([1, 7, 8], policy="ar", max_new_tokens=16).token_ids
     assert bl.generate([1, 7, 8], policy="speculative", max_new_tokens=16).token_ids == ar
+
+
+def test_a_trained_head_merges_into_the_reduced_head_of_an_early_exit(tmp_path, tok):
+    """An early exit of a file (its first layers) with LoRA on the head's kept rows too (`--head`): the native little
+    computes what the student does (float32 weights stay float32: equal up to the deltas' fp16), and greedy
+    speculative with it equals ar. A head that also takes the prompt's tokens cannot carry the trained rows: a
+    clear error."""
+    from bild import BigLittle, BildError
+    from bild.drafts import gguf as gguf_little
+
+    path = file_pair(tmp_path, {})  # every weight float32
+    torch.manual_seed(1)
+    model = heal.student(path, [0, 1], KEPT)
+    lora = heal.add_lora(model, rank=4, alpha=8.0, head=True)
+    assert len(lora) == 2 * 7 + 1 and lora["head"].base.out_features == len(KEPT)
+    with torch.no_grad():
+        for m in lora.values():
+            m.b.normal_(0, 0.5)
+        want = model(input_ids=torch.tensor([IDS])).logits[0]  # (T, kept)
+    little = tmp_path / "exit"
+    little.mkdir()
+    heal.export(lora, str(little / "deltas.safetensors"))
+    recipe = gguf_little.GGUFLittle(model=path, vocab_size=len(KEPT), layers=[0, 1], deltas="deltas.safetensors")
+    gguf_little.save(str(little), recipe, KEPT.tolist())
+    assert gguf_little.trained_parameters(str(little)) == sum(m.a.numel() + m.b.numel() for m in lora.values())
+    runner = gguf_little.load(str(little), int8=False)
+    runner.start(IDS)
+    got = runner.forward(IDS, keep=len(IDS))[:, KEPT]  # (T, kept)
+    plain = native_logits(native.keep_layers(G.load(path, int8=False), [0, 1]), IDS)[:, KEPT]
+    assert (got - want).abs().max() < 0.01 * (plain - want).abs().max()
+
+    big = G.load(path)
+    bl = BigLittle.from_runners(native.NativeRunner(big), gguf_little.load(str(little)), tok, {2}, "exit")
+    ar = bl.generate([1, 7, 8], policy="ar", max_new_tokens=16).token_ids
+    assert bl.generate([1, 7, 8], policy="speculative", max_new_tokens=16).token_ids == ar
+
+    gguf_little.save(str(little), dataclasses.replace(recipe, prompt_tokens=True), KEPT.tolist())
+    with pytest.raises(BildError, match="head's kept rows"):
+        gguf_little.load(str(little))

@@ -49,12 +49,15 @@ def _size(model) -> dict:
             "params": sum(rows * cols for rows, cols in shapes), "bytes_per_token": streamed_bytes(model)}
 
 
-def sweep(bls: dict, items: list, gamma: int, max_new_tokens: int, log=print) -> list[dict]:
-    """bls: name -> BigLittle (see pairs), all on one big runner; items: bench items (HumanEval ones: with pass@1)."""
+def sweep(bls: dict, items: list, gamma: int, max_new_tokens: int, trained: dict | None = None,
+          log=print) -> list[dict]:
+    """bls: name -> BigLittle (see pairs), all on one big runner; items: bench items (HumanEval ones: with pass@1);
+    trained: name -> its trained parameters (the deltas a little model directory adds)."""
     first = next(iter(bls.values()))
     rows = {}
     for name, bl in bls.items():
         rows[name] = {"design": name, "little": bl.little_description, **_size(bl.little_runner.model),
+                      "trained": (trained or {}).get(name, 0),
                         **D.costs(bl, bl.encode(items[0].prompt), gamma), "gamma": gamma}
         log(f"{name}: c {rows[name]['c']:.3f}, verify {rows[name]['verify_ratio']:.2f}x")
     methods = {"spec_alone": M.parse_method(f"speculative:gamma={gamma},lookup=0"),
@@ -93,7 +96,8 @@ def sweep(bls: dict, items: list, gamma: int, max_new_tokens: int, log=print) ->
     return list(rows.values())
 
 
-COLUMNS = [("design", "little", "{}"), ("layers", "layers", "{}"), ("head_tokens", "head tokens", "{:,}"),
+COLUMNS = [("design", "little", "{}"), ("layers", "layers", "{}"), ("params", "matmul params (M)", "{:,.1f}", 1e-6),
+           ("trained", "trained (M)", "{:,.1f}", 1e-6), ("head_tokens", "head tokens", "{:,}"),
            ("head_coverage", "of ar's tokens", "{:.2%}"),
            ("bytes_per_token", "MB read a token", "{:,.0f}", 1e-6), ("little_ms", "ms a token", "{:.2f}"),
            ("c", "c", "{:.3f}"), ("alpha", "α₁", "{:.3f}"), ("tokens_per_call", "tokens per big call", "{:.2f}"),

@@ -36,6 +36,9 @@ def add_layers_command(sub) -> None:
     p.add_argument("--from", dest="vocab_dir", required=True, help="a `bild draft vocab` output directory")
     p.add_argument("--little", default="qwen2.5-coder-0.5b")
     p.add_argument("--keep", default="12,16,20", help="layer counts to keep, comma separated")
+    p.add_argument("--select", choices=("influence", "first"), default="influence",
+                   help="influence: the layers of highest block influence (directories ...-keepN); first: the first "
+                        "N layers, an early exit (...-firstN)")
     p.add_argument("--vocab", type=int, default=None, help="also a reduced head of this size (from --from)")
     p.add_argument("--sequences", type=int, default=40, help="big-model outputs the influence is measured on")
     p.add_argument("--threads", type=int, default=2)
@@ -53,19 +56,20 @@ def cmd_layers(args) -> None:
     torch.set_num_threads(args.threads)
     with open(os.path.join(args.vocab_dir, OUTPUTS_FILE)) as f:
         sequences = [r["tokens"] for r in map(json.loads, f)][:args.sequences]
-    ranked = None
-    if args.vocab:
-        with open(os.path.join(args.vocab_dir, f"{args.little}-vocab{args.vocab}", gguf_little.VOCAB_FILE)) as f:
-            ranked = json.load(f)
+    ranked = _ranked(args.vocab_dir, args.vocab) if args.vocab else None
     model = gguf.load(models.gguf_file(args.little))
-    influence = layers.block_influence(model, sequences)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "influence.json"), "w") as f:
-        json.dump({"little": args.little, "sequences": len(sequences), "tokens": sum(map(len, sequences)),
-                   "block_influence": influence}, f, indent=1)
+    if args.select == "influence":
+        influence = layers.block_influence(model, sequences)
+        with open(os.path.join(args.out, "influence.json"), "w") as f:
+            json.dump({"little": args.little, "sequences": len(sequences), "tokens": sum(map(len, sequences)),
+                       "block_influence": influence}, f, indent=1)
     for n in keeps:
-        kept = layers.most_influential(influence, n)
-        name = f"{args.little}-keep{n}" + (f"-vocab{args.vocab}" if args.vocab else "")
+        if args.select == "first" and not 1 <= n <= model.config.n_layers:
+            raise BildError(f"--keep {n}: {args.little} has {model.config.n_layers} layers", field="keep")
+        kept = layers.most_influential(influence, n) if args.select == "influence" else list(range(n))
+        name = f"{os.path.basename(args.little).removesuffix('.gguf')}-" \
+            f"{'keep' if args.select == 'influence' else 'first'}{n}" + (f"-vocab{args.vocab}" if args.vocab else "")
         recipe = gguf_little.GGUFLittle(model=args.little, vocab_size=args.vocab, prompt_tokens=bool(args.vocab),
                                         layers=kept)
         gguf_little.save(os.path.join(args.out, name), recipe, ranked)
@@ -103,6 +107,12 @@ def cmd_heal(args) -> None:
     cfg = heal.HealConfig(**given(args, heal.HealConfig))
     recipe = gguf_little.read(args.little)
     kept = gguf_little.kept_ids(args.little, recipe)
+    if kept is None:
+        raise BildError(f"{args.little}: healing needs a reduced head (vocab_size), as `bild draft vocab` writes")
+    if cfg.head and recipe.prompt_tokens:
+        raise BildError(f"{args.little}: --head trains the head's kept rows, and this head also takes each "
+                        "prompt's tokens, which would stay untrained; heal a directory without prompt tokens",
+                        field="head")
     file = models.gguf_file(recipe.model)
     with open(os.path.join(args.vocab_dir, OUTPUTS_FILE)) as f:
         outputs = {r["id"]: r["tokens"] for r in map(json.loads, f)}
@@ -122,7 +132,7 @@ def cmd_heal(args) -> None:
         full = heal.student(file, every, kept)
         summary["baseline_agreement"] = heal.agreement(full, heldout)
         del full
-    lora = heal.add_lora(model, cfg.rank, cfg.alpha)
+    lora = heal.add_lora(model, cfg.rank, cfg.alpha, cfg.head)
     summary["trainable_parameters"] = sum(m.a.numel() + m.b.numel() for m in lora.values())
     print(json.dumps(summary))
     summary["last"] = heal.train(model, lora, train_exs, heldout, cfg, args.out)
@@ -138,6 +148,19 @@ def cmd_heal(args) -> None:
     with open(os.path.join(args.out, "heal.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"healed little model: {little}")
+
+
+def _ranked(vocab_dir: str, size: int) -> list[int]:
+    """The big model's ranked output ids from a `bild draft vocab` directory (any of its heads of this size: the
+    ranking is the big model's, whichever little the heads were cut for)."""
+    from ..drafts import gguf as gguf_little
+    for name in sorted(os.listdir(vocab_dir)) if os.path.isdir(vocab_dir) else []:
+        path = os.path.join(vocab_dir, name, gguf_little.VOCAB_FILE)
+        if name.endswith(f"-vocab{size}") and os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+    raise BildError(f"{vocab_dir}: no head of {size} tokens (a ...-vocab{size} directory of `bild draft vocab`)",
+                    field="vocab")
 
 
 def _sizes(text: str, name: str = "sizes") -> list[int]:
@@ -199,7 +222,9 @@ def sweep_gguf(args, threads: int) -> None:
     torch.set_num_threads(threads)
     designs = [L.Little(*(d.split("=", 1) if "=" in d else (os.path.basename(d.rstrip("/")), d))) for d in args.drafts]
     items = load_items(args.dataset or "humaneval-heldout", args.prompts)
-    rows = L.sweep(L.pairs(args.big, designs), items, args.gamma, args.max_new_tokens)
+    from ..drafts import gguf as gguf_little
+    trained = {d.name: gguf_little.trained_parameters(d.spec) for d in designs}
+    rows = L.sweep(L.pairs(args.big, designs), items, args.gamma, args.max_new_tokens, trained)
     settings = {"big": args.big, "dataset": args.dataset or "humaneval-heldout", "prompts": len(items),
                 "max_new_tokens": args.max_new_tokens, "gamma": args.gamma, "threads": threads,
                 "drafts": args.drafts, "machine": machine()}

@@ -8,15 +8,18 @@ file (model_files installs it).
                        the head keeps the first vocab_size
     deltas             optional (`bild draft heal`): low-rank deltas of the kept layers' projections, safetensors
                        "<kept position>.<gguf name>.a" (r, in) and ".b" (out, r, scale folded in), fp16. At load
-                       each projection becomes dequantise(W) + b a, requantised to Q8_0 if it was Q8_0, else Q5_0.
+                       each projection becomes dequantise(W) + b a, requantised to Q8_0 if it was Q8_0, else Q5_0;
+                       "head.a" / "head.b" (a trained head, `--head`): the same over the reduced head's kept rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from ..errors import BildError
@@ -61,6 +64,13 @@ def read(path: str) -> GGUFLittle:
         raise BildError(f"{path}: not a readable little model recipe ({type(e).__name__}: {e})") from e
 
 
+def trained_parameters(spec) -> int:
+    """The parameters a little model directory's deltas add (0 for anything else)."""
+    if not is_gguf_little(spec):
+        return 0
+    return sum(t.numel() for t in read_deltas(spec, read(spec)).values())
+
+
 def kept_ids(path: str, recipe: GGUFLittle) -> torch.Tensor | None:
     """The head's kept ids (sorted), or None for a full head."""
     if recipe.vocab_size is None:
@@ -79,8 +89,8 @@ def load(path: str, int8: bool = True):
 
     recipe = read(path)
     file = models.gguf_file(recipe.model)
-    merged = merged_tensors(path, recipe, file) if recipe.deltas else None
-    model = gguf.load(file, int8=int8, replace=merged)
+    deltas = read_deltas(path, recipe)
+    model = gguf.load(file, int8=int8, replace=merged_tensors(path, recipe, file, deltas) if deltas else None)
     if recipe.layers:
         try:
             model = keep_layers(model, recipe.layers)
@@ -89,33 +99,74 @@ def load(path: str, int8: bool = True):
     ids = kept_ids(path, recipe)
     if ids is None:
         return NativeRunner(model)
-    return PromptHeadRunner(model, ids) if recipe.prompt_tokens else NativeRunner(reduced_head(model, ids))
+    if recipe.prompt_tokens:
+        return PromptHeadRunner(model, ids)
+    model = reduced_head(model, ids)
+    if "head.a" in deltas:
+        model = dataclasses.replace(model, head=merged_head(path, file, ids, deltas, int8))
+    return NativeRunner(model)
 
 
-def merged_tensors(path: str, recipe: GGUFLittle, file: str) -> dict:
-    """{tensor name: FileTensor} of the kept layers' projections with the directory's deltas added, requantised."""
-    import numpy as np
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize, quantize
+def read_deltas(path: str, recipe: GGUFLittle) -> dict:
+    """The directory's trained deltas {key: tensor} ({} without any), checked against the recipe."""
     from safetensors.torch import load_file
 
+    if not recipe.deltas:
+        return {}
     try:
         deltas = load_file(os.path.join(path, recipe.deltas))
     except OSError as e:
         raise BildError(f"{path}: cannot read its deltas {recipe.deltas} ({e})", field="deltas") from e
+    if "head.a" in deltas and (recipe.vocab_size is None or recipe.prompt_tokens):
+        raise BildError(f"{path}: its deltas train the head's kept rows, so the recipe needs a vocab_size and no "
+                        "prompt_tokens", field="deltas")
+    return deltas
+
+
+def merged_tensors(path: str, recipe: GGUFLittle, file: str, deltas: dict) -> dict:
+    """{tensor name: FileTensor} of the kept layers' projections with the directory's deltas added, requantised."""
     f, layers, out = gguf.read(file), recipe.layers or None, {}
-    for key in sorted({k.rsplit(".", 1)[0] for k in deltas}):  # "<kept position>.<gguf name>"
+    for key in sorted({k.rsplit(".", 1)[0] for k in deltas} - {"head"}):  # "<kept position>.<gguf name>"
         at, short = key.split(".", 1)
         layer = layers[int(at)] if layers else int(at)
         t = f.get(f"blk.{layer}.{short}.weight")
-        a, b = deltas[key + ".a"].float(), deltas[key + ".b"].float()  # (r, in), (out, r)
-        if (b.shape[0], a.shape[1]) != t.shape:
-            raise BildError(f"{path}: delta {key} is {(b.shape[0], a.shape[1])}, the tensor {t.name} {t.shape}")
-        w = dequantize(t.data, GGMLQuantizationType[t.kind]).reshape(t.shape) + (b @ a).numpy()  # (out, in)
-        kind = "Q8_0" if t.kind == "Q8_0" else "Q5_0"
-        raw = quantize(w.astype(np.float32), GGMLQuantizationType[kind])
-        out[t.name] = gguf.FileTensor(t.name, kind, t.shape, np.ascontiguousarray(raw).reshape(-1))
+        raw = _plus_delta(path, key, t.data, t.kind, t.shape, deltas)
+        out[t.name] = gguf.FileTensor(t.name, _requantised(t.kind), t.shape, raw.reshape(-1))
     return out
+
+
+def merged_head(path: str, file: str, ids: torch.Tensor, deltas: dict, int8: bool):
+    """The reduced head's rows (the kept ids, sorted) with the trained head delta added, requantised, as blocks."""
+    from ..kernels import from_gguf, with_int8
+
+    f = gguf.read(file)
+    t = f.get("output.weight" if "output.weight" in f.tensors else "token_embd.weight")
+    rows = t.data.reshape(t.shape[0], -1)[ids.numpy()]  # (N, row bytes)
+    shape, kind = (len(ids), t.shape[1]), _requantised(t.kind)
+    raw = _plus_delta(path, "head", rows, t.kind, shape, deltas)
+    if kind == "F32":
+        return torch.from_numpy(raw.view(np.float32).reshape(shape))
+    w = from_gguf(raw, kind, shape)
+    return with_int8(w) if int8 else w
+
+
+def _requantised(kind: str) -> str:
+    """What a weight of this type becomes with a delta added: plain stays plain (float32), Q8_0 stays Q8_0, the
+    rest becomes Q5_0 (gguf.quants quantises no K-quant)."""
+    return "F32" if kind in gguf.PLAIN_TYPES else "Q8_0" if kind == "Q8_0" else "Q5_0"
+
+
+def _plus_delta(path: str, key: str, raw, kind: str, shape: tuple[int, int], deltas: dict):
+    """dequantise(raw) + b a, requantised (raw uint8 bytes of a (out, in) weight)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    a, b = deltas[key + ".a"].float(), deltas[key + ".b"].float()  # (r, in), (out, r)
+    if (b.shape[0], a.shape[1]) != tuple(shape):
+        raise BildError(f"{path}: delta {key} is {(b.shape[0], a.shape[1])}, its weight {tuple(shape)}")
+    w = dequantize(np.ascontiguousarray(raw), GGMLQuantizationType[kind]).reshape(shape) + (b @ a).numpy()
+    w, to = w.astype(np.float32), _requantised(kind)
+    return np.ascontiguousarray(w.view(np.uint8) if to == "F32" else quantize(w, GGMLQuantizationType[to]))
 
 
 class PromptHeadRunner(NativeRunner):

@@ -35,6 +35,7 @@ class HealConfig:
     max_tokens: int = 768     # prompt + output tokens of a sequence (cut at the end)
     heldout: int = 12         # calibration sequences kept out of training, for the agreement measure
     eval_every: int = 10      # steps between agreement measures (and checkpoints)
+    head: bool = False        # LoRA on the head's kept rows too (a trained head: for early exits of the big model)
     seed: int = 0
 
 
@@ -94,11 +95,14 @@ def student(file: str, layers: list[int], kept: Tensor) -> nn.Module:
     return model.eval()
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float) -> dict[str, LoRALinear]:
-    """Freeze the model and wrap every projection of every layer: {"<layer>.<gguf name>": module}."""
+def add_lora(model: nn.Module, rank: int, alpha: float, head: bool = False) -> dict[str, LoRALinear]:
+    """Freeze the model and wrap every projection of every layer: {"<layer>.<gguf name>": module}, and with head
+    the head over the kept rows: {"head": module}."""
     for p in model.parameters():
         p.requires_grad_(False)
     added = {}
+    if head:
+        added["head"] = model.lm_head = LoRALinear(model.lm_head, rank, alpha)
     for i, layer in enumerate(model.model.layers):
         for g, h in PROJECTIONS.items():
             parent, name = h.split(".")
@@ -189,7 +193,8 @@ def train(model: nn.Module, lora: dict[str, LoRALinear], train_exs: list[dict], 
 
 
 def export(lora: dict[str, LoRALinear], path: str) -> int:
-    """The deltas as bild.drafts.gguf reads them (scale folded into b, fp16); returns the file's bytes."""
+    """The deltas as bild.drafts.gguf reads them (scale folded into b, fp16; "head" over the kept rows in id order);
+    returns the file's bytes."""
     from safetensors.torch import save_file
 
     tensors = {}
