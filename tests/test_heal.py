@@ -143,3 +143,38 @@ def test_a_trained_head_merges_into_the_reduced_head_of_an_early_exit(tmp_path, 
     gguf_little.save(str(little), dataclasses.replace(recipe, prompt_tokens=True), KEPT.tolist())
     with pytest.raises(BildError, match="head's kept rows"):
         gguf_little.load(str(little))
+
+
+def test_deltas_merged_into_k_quants_keep_their_type(tmp_path):
+    """A healed little of a Q4_K_M file (the 1.5B's own layers): the merged projections stay Q4_K / Q6_K (same
+    kernels, same bytes a weight), and each is the file's weight plus b a, up to requantising."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    from test_gguf import LIKE_1_5B
+
+    from bild.drafts import gguf as gguf_little
+
+    path = file_pair(tmp_path, LIKE_1_5B)
+    model = heal.student(path, [0, 1], KEPT)
+    lora = heal.add_lora(model, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for m in lora.values():
+            m.b.normal_(0, 0.5)
+    little = tmp_path / "little"
+    little.mkdir()
+    heal.export(lora, str(little / "deltas.safetensors"))
+    recipe = gguf_little.GGUFLittle(model=path, vocab_size=len(KEPT), layers=[0, 1], deltas="deltas.safetensors")
+    gguf_little.save(str(little), recipe, KEPT.tolist())
+    merged = gguf_little.merged_tensors(str(little), recipe, path, gguf_little.read_deltas(str(little), recipe))
+    f = G.read(path)
+    assert len(merged) == 2 * 7
+    for name, t in merged.items():
+        base = f.get(name)
+        assert t.kind == base.kind and t.kind in ("Q4_K", "Q6_K") and t.data.nbytes == base.data.nbytes
+        at, short = ("0" if name.startswith("blk.0.") else "1"), name.split(".")[2]
+        want = dequantize(base.data, GGMLQuantizationType[base.kind]).reshape(base.shape) \
+            + lora[f"{at}.{short}"].delta().detach().numpy()
+        got = dequantize(t.data, GGMLQuantizationType[t.kind]).reshape(t.shape)
+        assert abs(got - want).mean() < 0.1 * abs(want).mean()
+    assert {p.kind for w in (gguf_little.load(str(little)).model.layers[0].w2,) for p in (w.parts or (w,))} \
+        == {"gguf_q6_k"}

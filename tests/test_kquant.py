@@ -383,3 +383,32 @@ def test_real_tensors_dequantise_as_gguf_and_multiply_within_tolerance(path):
             err = (kernels.linear(x, kernels.with_int8(part)).double() - exact).abs()
             assert (err <= 0.02 * scale).all(), t.name
     assert {"Q4_K", "Q6_K"} <= seen
+
+
+@pytest.mark.parametrize("kind,bound", [("Q4_K", 0.09), ("Q6_K", 0.025)])
+def test_k_quant_quantisers_make_blocks_gguf_and_the_kernels_read(kind, bound):
+    """bild.native.quantize (for merged deltas): gguf dequantises its blocks to within the type's usual error of
+    the input, quantising its own output again gives the same weights (on rows of normal values; a sub-block
+    without negatives may move by a rounding step), and the kernels multiply with exactly those weights;
+    refusals are clear."""
+    from gguf import GGMLQuantizationType, quants
+
+    from bild.native import quantize as Q
+    w = np.random.default_rng(3).standard_normal((37, 768)).astype(np.float32) * 0.02
+    w[5] = 0.0  # an all-zero row: zero scales, no NaN
+    w[6, :256] = np.linspace(0.01, 0.02, 256)  # a sub-block without negatives
+    raw = Q.quantize(w, kind)
+    assert raw.shape == (37, 3 * Q.BLOCK_BYTES[kind]) and raw.dtype == np.uint8
+    back = quants.dequantize(raw, GGMLQuantizationType[kind]).reshape(w.shape)
+    assert np.isfinite(back).all() and not back[5].any()
+    assert np.abs(back - w).mean() < bound * np.abs(w).mean()
+    again = quants.dequantize(Q.quantize(back, kind), GGMLQuantizationType[kind]).reshape(w.shape)
+    normal = [r for r in range(37) if r != 6]
+    assert np.array_equal(again[normal], back[normal]) and np.abs(again - back).max() < 1e-2 * np.abs(w).max()
+    x = torch.randn(3, 768)
+    got = kernels.linear(x, kernels.from_gguf(raw, kind, w.shape))  # fp32 activations: exact weights
+    assert torch.allclose(got, x @ torch.from_numpy(back.copy()).T, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="whole blocks of 256"):
+        Q.quantize(w[:, :100], kind)
+    with pytest.raises(ValueError, match="not Q5_0"):
+        Q.quantize(w, "Q5_0")

@@ -8,7 +8,8 @@ file (model_files installs it).
                        the head keeps the first vocab_size
     deltas             optional (`bild draft heal`): low-rank deltas of the kept layers' projections, safetensors
                        "<kept position>.<gguf name>.a" (r, in) and ".b" (out, r, scale folded in), fp16. At load
-                       each projection becomes dequantise(W) + b a, requantised to Q8_0 if it was Q8_0, else Q5_0;
+                       each projection becomes dequantise(W) + b a, requantised to its own type (Q8_0, Q4_K, Q6_K;
+                       plain stays float32) or else Q5_0;
                        "head.a" / "head.b" (a trained head, `--head`): the same over the reduced head's kept rows.
 """
 
@@ -24,6 +25,7 @@ import torch
 
 from ..errors import BildError
 from ..native import NativeModel, NativeRunner, gguf, keep_layers, reduced_head
+from ..native import quantize as k_quants
 
 RECIPE_FILE = "bild_little.json"
 VOCAB_FILE = "vocab_ids.json"
@@ -151,9 +153,9 @@ def merged_head(path: str, file: str, ids: torch.Tensor, deltas: dict, int8: boo
 
 
 def _requantised(kind: str) -> str:
-    """What a weight of this type becomes with a delta added: plain stays plain (float32), Q8_0 stays Q8_0, the
-    rest becomes Q5_0 (gguf.quants quantises no K-quant)."""
-    return "F32" if kind in gguf.PLAIN_TYPES else "Q8_0" if kind == "Q8_0" else "Q5_0"
+    """What a weight of this type becomes with a delta added: plain stays plain (float32); Q8_0, Q4_K and Q6_K keep
+    their type (bild.native.quantize makes the K-quants); the rest becomes Q5_0."""
+    return "F32" if kind in gguf.PLAIN_TYPES else kind if kind in ("Q8_0", "Q4_K", "Q6_K") else "Q5_0"
 
 
 def _plus_delta(path: str, key: str, raw, kind: str, shape: tuple[int, int], deltas: dict):
@@ -166,7 +168,11 @@ def _plus_delta(path: str, key: str, raw, kind: str, shape: tuple[int, int], del
         raise BildError(f"{path}: delta {key} is {(b.shape[0], a.shape[1])}, its weight {tuple(shape)}")
     w = dequantize(np.ascontiguousarray(raw), GGMLQuantizationType[kind]).reshape(shape) + (b @ a).numpy()
     w, to = w.astype(np.float32), _requantised(kind)
-    return np.ascontiguousarray(w.view(np.uint8) if to == "F32" else quantize(w, GGMLQuantizationType[to]))
+    if to == "F32":
+        return np.ascontiguousarray(w.view(np.uint8))
+    if to in k_quants.BLOCK_BYTES:
+        return k_quants.quantize(w, to)
+    return np.ascontiguousarray(quantize(w, GGMLQuantizationType[to]))
 
 
 class PromptHeadRunner(NativeRunner):
