@@ -203,9 +203,9 @@ def test_draft_layers_writes_early_exits_of_any_file_with_the_big_models_ranked_
     big = str(files / "big.gguf")
     out = tmp_path / "layers"
     assert main(["draft", "layers", str(out), "--from", str(vocab_dir), "--little", big, "--keep", "1,2",
-                 "--select", "first", "--vocab", "4"]) == 0
+                 "--select", "first", "--vocab", "4", "--no-prompt-tokens"]) == 0
     one = gguf_little.read(str(out / "big-first1-vocab4"))
-    assert one.layers == [0] and one.vocab_size == 4 and one.model == big
+    assert one.layers == [0] and one.vocab_size == 4 and one.model == big and not one.prompt_tokens
     assert gguf_little.kept_ids(str(out / "big-first2-vocab4"), one).tolist() == [2, 5, 77, 300]
     assert gguf_little.load(str(out / "big-first2-vocab4")).model.config.n_layers == 2
     assert main(["draft", "layers", str(out), "--from", str(vocab_dir), "--little", big, "--keep", "3",

@@ -3,6 +3,7 @@ made from the little file by transforms that add no weights (bild.drafts.gguf), 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -40,6 +41,8 @@ def add_layers_command(sub) -> None:
                    help="influence: the layers of highest block influence (directories ...-keepN); first: the first "
                         "N layers, an early exit (...-firstN)")
     p.add_argument("--vocab", type=int, default=None, help="also a reduced head of this size (from --from)")
+    p.add_argument("--prompt-tokens", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --vocab, the head also takes each prompt's own tokens (no: a head `heal --head` trains)")
     p.add_argument("--sequences", type=int, default=40, help="big-model outputs the influence is measured on")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(handler=cmd_layers)
@@ -70,7 +73,8 @@ def cmd_layers(args) -> None:
         kept = layers.most_influential(influence, n) if args.select == "influence" else list(range(n))
         name = f"{os.path.basename(args.little).removesuffix('.gguf')}-" \
             f"{'keep' if args.select == 'influence' else 'first'}{n}" + (f"-vocab{args.vocab}" if args.vocab else "")
-        recipe = gguf_little.GGUFLittle(model=args.little, vocab_size=args.vocab, prompt_tokens=bool(args.vocab),
+        recipe = gguf_little.GGUFLittle(model=args.little, vocab_size=args.vocab,
+                                        prompt_tokens=bool(args.vocab) and args.prompt_tokens,
                                         layers=kept)
         gguf_little.save(os.path.join(args.out, name), recipe, ranked)
         print(f"{name}: layers {kept}")
