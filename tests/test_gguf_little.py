@@ -160,6 +160,9 @@ def test_the_little_sweep_measures_every_little_side_by_side(files, tmp_path, to
     assert by["exit"]["layers"] == 1
     for r in rows:
         assert 0 <= r["alpha"] <= 1 and len(r["alpha_by_position"]) <= 3 and r["tokens_per_call"] >= 1
+        need, ref = r["alpha_needed"], rows[0]["predicted_speedup"]  # the α at which r's costs predict ref
+        predicted = lambda a: littles.D.predicted_speedup(a, 3, r["c"], r["verify_ratio"])  # noqa: E731
+        assert need is None or predicted(need) >= ref - 1e-9 and (need < 1e-6 or predicted(need - 1e-6) < ref)
     text = littles.markdown(rows)
     assert by["reduced"]["head_coverage"] <= 1 and "head_coverage" not in by["plain"]
     assert "| reduced |" in text and "identical to ar: plain yes, reduced yes, exit yes" in text

@@ -5,6 +5,7 @@ Per little model q beside big model p (designs.py defines c, v, E and the predic
     bytes        what one step of q reads (native.streamed_bytes)
     c, v         q's step over p's step; p's γ+1-token verification over its step (interleaved rounds)
     α_i          the rate at which q's i-th drafted token is kept, from `speculative:lookup=0` (q alone drafts)
+    α needed     the α (every position) at which q's c and v predict the first little's speedup (none: unreachable)
     measured     tokens/s of speculative (q alone, and with the pair's prompt lookup) and bild, over ar; every
                  greedy speculative output must equal ar's, token for token
     pass@1       HumanEval problems: ar's and bild's completions run against the problems' tests
@@ -93,6 +94,9 @@ def sweep(bls: dict, items: list, gamma: int, max_new_tokens: int, trained: dict
             row["ar_pass@1"] = statistics.mean(humaneval_passed(i.problem, r["text"]) for i, r in zip(items, ar))
             row["bild_pass@1"] = statistics.mean(humaneval_passed(i.problem, r["text"])
                                                  for i, r in zip(items, runs[name, "bild"]))
+    ref = next(iter(rows.values()))["predicted_speedup"]
+    for row in rows.values():  # what agreement this little's cost needs to predict the first little's speedup
+        row["alpha_needed"] = D.alpha_needed(ref, gamma, row["c"], row["verify_ratio"])
     return list(rows.values())
 
 
@@ -101,14 +105,19 @@ COLUMNS = [("design", "little", "{}"), ("layers", "layers", "{}"), ("params", "m
            ("head_coverage", "of ar's tokens", "{:.2%}"),
            ("bytes_per_token", "MB read a token", "{:,.0f}", 1e-6), ("little_ms", "ms a token", "{:.2f}"),
            ("c", "c", "{:.3f}"), ("alpha", "α₁", "{:.3f}"), ("tokens_per_call", "tokens per big call", "{:.2f}"),
-           ("predicted_speedup", "predicted × ar", "{:.2f}"), ("spec_alone_speedup", "speculative × ar", "{:.2f}"),
+           ("predicted_speedup", "predicted × ar", "{:.2f}"), ("alpha_needed", "α to match the first", "{:.3f}"),
+           ("spec_alone_speedup", "speculative × ar", "{:.2f}"),
            ("spec_speedup", "speculative + lookup × ar", "{:.2f}"), ("bild_speedup", "bild × ar", "{:.2f}"),
            ("bild_pass@1", "bild pass@1", "{:.3f}")]
 
 
 def markdown(rows: list[dict]) -> str:
     cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
-    cell = lambda r, c: c[2].format(r[c[0]] * (c[3] if len(c) > 3 else 1)) if c[0] in r else "–"  # noqa: E731
+
+    def cell(r, c):
+        if c[0] not in r:
+            return "–"
+        return "none" if r[c[0]] is None else c[2].format(r[c[0]] * (c[3] if len(c) > 3 else 1))
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in rows]
     first = rows[0]
