@@ -14,7 +14,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,8 @@ class HealConfig:
     max_tokens: int = 768     # prompt + output tokens of a sequence (cut at the end)
     heldout: int = 12         # calibration sequences kept out of training, for the agreement measure
     eval_every: int = 10      # steps between agreement measures (and checkpoints)
-    head: bool = False        # LoRA on the head's kept rows too (a trained head: for early exits of the big model)
+    head: bool = field(default=False, metadata={"help": "LoRA on the head's kept rows too (a trained head, as an "
+                                                         "early exit of the big model needs)"})
     seed: int = 0
 
 
