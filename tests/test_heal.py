@@ -178,3 +178,23 @@ def test_deltas_merged_into_k_quants_keep_their_type(tmp_path):
         assert abs(got - want).mean() < 0.1 * abs(want).mean()
     assert {p.kind for w in (gguf_little.load(str(little)).model.layers[0].w2,) for p in (w.parts or (w,))} \
         == {"gguf_q6_k"}
+
+
+def test_heal_refuses_a_little_it_cannot_train(tmp_path, capsys):
+    """`bild draft heal` needs a reduced head, and `--head` a head without the prompt's tokens: one clear error
+    (exit 2) before anything loads."""
+    from bild.cli import main
+    from bild.drafts import gguf as gguf_little
+
+    path = file_pair(tmp_path)
+    full = tmp_path / "full"
+    gguf_little.save(str(full), gguf_little.GGUFLittle(model=path))
+    prompts = tmp_path / "prompts"
+    gguf_little.save(str(prompts), gguf_little.GGUFLittle(model=path, vocab_size=len(KEPT), prompt_tokens=True),
+                     KEPT.tolist())
+    assert main(["draft", "heal", str(tmp_path / "a"), "--little", str(full), "--from", str(tmp_path)]) == 2
+    assert "needs a reduced head" in capsys.readouterr().err
+    assert main(["draft", "heal", str(tmp_path / "b"), "--little", str(prompts), "--from", str(tmp_path),
+                 "--head"]) == 2
+    assert "--head trains the head's kept rows" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
