@@ -57,12 +57,12 @@ def cmd_layers(args) -> None:
     from ..training import layers
     keeps = _sizes(args.keep, "keep")
     torch.set_num_threads(args.threads)
-    with open(os.path.join(args.vocab_dir, OUTPUTS_FILE)) as f:
-        sequences = [r["tokens"] for r in map(json.loads, f)][:args.sequences]
     ranked = _ranked(args.vocab_dir, args.vocab) if args.vocab else None
     model = gguf.load(models.gguf_file(args.little))
     os.makedirs(args.out, exist_ok=True)
-    if args.select == "influence":
+    if args.select == "influence":  # measured on the big model's outputs; an early exit needs none
+        with open(os.path.join(args.vocab_dir, OUTPUTS_FILE)) as f:
+            sequences = [r["tokens"] for r in map(json.loads, f)][:args.sequences]
         influence = layers.block_influence(model, sequences)
         with open(os.path.join(args.out, "influence.json"), "w") as f:
             json.dump({"little": args.little, "sequences": len(sequences), "tokens": sum(map(len, sequences)),
@@ -143,10 +143,8 @@ def cmd_heal(args) -> None:
     little = os.path.join(args.out, "little")  # the healed little model's directory
     os.makedirs(little, exist_ok=True)
     summary["deltas_bytes"] = heal.export(lora, os.path.join(little, "deltas.safetensors"))
-    ranked = None
-    if recipe.vocab_size:
-        with open(os.path.join(args.little, gguf_little.VOCAB_FILE)) as f:
-            ranked = json.load(f)
+    with open(os.path.join(args.little, gguf_little.VOCAB_FILE)) as f:  # a reduced head, checked above
+        ranked = json.load(f)
     metrics = {"heldout_agreement": summary["last"].get("agreement"), "trained_tokens": summary["last"].get("tokens")}
     gguf_little.save(little, dataclasses.replace(recipe, deltas="deltas.safetensors", metrics=metrics), ranked)
     with open(os.path.join(args.out, "heal.json"), "w") as f:
