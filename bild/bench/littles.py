@@ -58,7 +58,8 @@ def sweep(bls: dict, items: list, gamma: int, max_new_tokens: int, trained: dict
     rows = {}
     for name, bl in bls.items():
         rows[name] = {"design": name, "little": bl.little_description, **_size(bl.little_runner.model),
-                      "trained": (trained or {}).get(name, 0), **D.costs(bl, bl.encode(items[0].prompt), gamma), "gamma": gamma}
+                      "trained": (trained or {}).get(name, 0),
+                      **D.costs(bl, bl.encode(items[0].prompt), gamma), "gamma": gamma}
         log(f"{name}: c {rows[name]['c']:.3f}, verify {rows[name]['verify_ratio']:.2f}x")
     methods = {"spec_alone": M.parse_method(f"speculative:gamma={gamma},lookup=0"),
                "spec": M.parse_method("speculative"), "bild": M.parse_method("bild")}
